@@ -1,0 +1,3 @@
+from medres.cli import main
+
+main()

@@ -1,0 +1,225 @@
+"""One typed configuration: pydantic models, YAML loading and `--set a.b=value` overrides.
+
+Every key has a type, a default and a one-line description (`Field(description=...)`); the README's
+config reference is generated from these models. Unknown keys are errors, and every error names the
+key, the value seen and the file: `train.lr must be > 0, got -0.1 (configs/covid_xray.yaml)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medres.errors import ConfigInvalid
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    manifest: Path | None = Field(None, description="CSV manifest (path,label|labels|one column per class,patient_id[,split,...]).")
+    root: Path | None = Field(None, description="Folder the manifest paths are relative to (default: the manifest's folder).")
+    classes: list[str] = Field(default_factory=list, description="Class names, in output order.")
+    task: Literal["multiclass", "multilabel"] = Field("multiclass", description="One label per image, or any subset of classes.")
+    image_size: int = Field(224, ge=16, le=2048, description="Square model input size in pixels.")
+    resize: Literal["letterbox", "crop", "stretch"] = Field("letterbox", description="letterbox keeps the aspect ratio and pads; crop centre-crops; stretch distorts.")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients for validation when the manifest has no split column.")
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients for test when the manifest has no split column.")
+    group_by: str = Field("patient_id", description="Manifest column whose values never cross splits.")
+    cache_dir: Path | None = Field(None, description="Persistent cache of decoded+resized images (None: no cache).")
+    voi: Union[Literal["auto", "none", "minmax"], int] = Field("auto", description="DICOM VOI policy: auto (file's first window/LUT, else percentiles), none, minmax, or a window index.")
+    max_megapixels: float = Field(100.0, gt=0, description="Refuse images larger than this before allocating their pixels.")
+    allow_leakage: bool = Field(False, description="Allow a patient or identical pixels in two splits (not recommended).")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}"
+            )
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes has duplicates: {self.classes}")
+        return self
+
+
+class ModelConfig(_Strict):
+    weights: str = Field("imagenet", description="imagenet (torchvision file in $TORCH_HOME/hub/checkpoints), none, or a checkpoint path.")
+    in_channels: Literal[1, 3] = Field(3, description="1: conv1 filters summed to one grey channel; 3: grey repeated to RGB.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1, description="Number of epochs.")
+    batch_size: int = Field(32, ge=1, description="Images per step (per process under DDP).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the head; the backbone uses lr * backbone_lr_mult.")
+    backbone_lr_mult: float = Field(0.1, gt=0, le=1.0, description="Discriminative LR: backbone LR as a fraction of lr.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    freeze_epochs: int = Field(1, ge=0, description="Epochs training only the head (linear probe) before unfreezing.")
+    warmup_epochs: float = Field(0.5, ge=0, description="Linear warm-up length before the cosine decay.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing for the loss.")
+    balance: Literal["none", "weights", "sampler"] = Field("weights", description="Class imbalance: class-weighted loss, balanced sampler, or none.")
+    augment: bool = Field(True, description="Chest-X-ray-safe augmentation (small affine, brightness/contrast/gamma; no flips).")
+    hflip: bool = Field(False, description="Horizontal flips (off: the heart is on the left).")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 autocast on CPUs that support it, bf16/fp16 on CUDA.")
+    channels_last: bool = Field(True, description="Use the channels_last memory format.")
+    seed: int = Field(0, description="Seed for splits, initialisation, augmentation and sampling.")
+    deterministic: bool = Field(False, description="Deterministic kernels (slower) so --resume equals an uninterrupted run.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
+    num_workers: int = Field(0, ge=0, description="Processes decoding images before training (0: in-process).")
+    early_stopping: int = Field(0, ge=0, description="Stop after this many epochs without a better validation AUROC (0: off).")
+    max_steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch (0: all); for smoke tests.")
+    calibrate: bool = Field(True, description="Fit temperature scaling and operating points on validation at the end.")
+
+    @model_validator(mode="after")
+    def _freeze(self) -> "TrainConfig":
+        if self.freeze_epochs > self.epochs:
+            raise ValueError(f"train.freeze_epochs must be <= train.epochs, got {self.freeze_epochs} > {self.epochs}")
+        return self
+
+
+class EvalConfig(_Strict):
+    target_sensitivity: float | None = Field(None, gt=0, lt=1, description="Operating point at this sensitivity on validation (default: Youden's J).")
+    bootstrap: int = Field(1000, ge=0, description="Patient-level bootstrap resamples for 95% CIs.")
+
+
+class Config(_Strict):
+    name: str = Field("medres-run", description="Run name, used in the run folder.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\0"):
+            raise ValueError(f"name must be a non-empty file-name-safe string, got {v!r}")
+        return v
+
+    def digest(self) -> str:
+        """sha256 of the resolved config (for the checkpoint metadata)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigInvalid(f"{dotted}: {k} is not a section ({source})")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` → ("a.b", value parsed as YAML so numbers, booleans and lists get their type)."""
+    if "=" not in item:
+        raise ConfigInvalid(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigInvalid(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key} ({source})")
+        elif e["type"] == "missing":
+            lines.append(f"{key} is required ({source})")
+        elif key != "(top level)" and msg.startswith(key.split(".")[0]):
+            lines.append(f"{msg} ({source})")
+        else:
+            lines.append(f"{key} {_lower_first(msg)}, got {e.get('input')!r} ({source})")
+    return "; ".join(lines)
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:]
+
+
+def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigInvalid(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply `--set` overrides, validate, resolve relative paths.
+
+    Relative data paths are resolved against the current directory when they exist there,
+    else against the config file's folder (so a config works from the repo root and from its folder).
+    """
+    tree: dict = {}
+    source = "<defaults>"
+    base: Path | None = None
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigInvalid(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigInvalid(f"not valid YAML ({source}): {str(exc).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigInvalid(f"top level must be a mapping, got {type(loaded).__name__} ({source})")
+        tree = loaded
+        base = path.resolve().parent
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value, f"--set {key}")
+    cfg = config_from_dict(tree, source + (" + --set" if overrides else ""))
+    for field in ("manifest", "root", "cache_dir"):
+        value = getattr(cfg.data, field)
+        if value is not None and not value.is_absolute() and not value.exists() and base is not None:
+            candidate = base / value
+            if candidate.exists() or field == "cache_dir":
+                setattr(cfg.data, field, candidate)
+    w = cfg.model.weights
+    if w not in ("imagenet", "none") and not Path(w).is_absolute() and not Path(w).exists() and base is not None:
+        if (base / w).exists():
+            cfg.model.weights = str(base / w)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every key, for the README and its test."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            default = f.get_default(call_default_factory=True)
+            tname = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
+            rows.append((key, tname, json.dumps(default, default=str), f.description or ""))
+
+    walk(Config, "")
+    return rows

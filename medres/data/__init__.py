@@ -1,0 +1,1 @@
+"""Manifests, splits and leakage audit, datasets and transforms, synthetic phantoms."""

@@ -1,0 +1,148 @@
+"""The MedresError hierarchy. Each class has a stable `code` used in CSVs, logs and exit codes.
+
+Messages name the file (relative to the input root) and the offending value, never patient data.
+"""
+
+from __future__ import annotations
+
+
+class MedresError(Exception):
+    """Base class. `code` is stable across releases; `path` is the file concerned, if any."""
+
+    code = "MEDRES_ERROR"
+    exit_code = 1
+
+    def __init__(self, message: str, *, path: str | None = None):
+        self.message = message
+        self.path = path
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        text = f"{where}{self.message}".replace("\r", " ").replace("\n", " ")
+        return f"[{self.code}] {text}"
+
+    def with_path(self, path: str) -> "MedresError":
+        """Return the same error, naming `path` (used when a low-level reader did not know it)."""
+        if self.path is None:
+            self.path = path
+            self.args = (self.one_line(),)
+        return self
+
+
+# --- ingestion -------------------------------------------------------------------------
+class IngestError(MedresError):
+    code = "INGEST_ERROR"
+
+
+class FileMissing(IngestError):
+    code = "FILE_NOT_FOUND"
+
+
+class NotAnImage(IngestError):
+    code = "NOT_AN_IMAGE"
+
+
+class NoPixelData(IngestError):
+    code = "NO_PIXEL_DATA"
+
+
+class PixelDataShort(IngestError):
+    code = "PIXEL_DATA_SHORT"
+
+
+class InvalidPixelModule(IngestError):
+    code = "INVALID_PIXEL_MODULE"
+
+
+class UnsupportedPhotometric(IngestError):
+    code = "UNSUPPORTED_PHOTOMETRIC"
+
+
+class MultiframeUnsupported(IngestError):
+    code = "MULTIFRAME_UNSUPPORTED"
+
+
+class DecoderMissing(IngestError):
+    code = "DECODER_MISSING"
+
+
+class UnsupportedTransferSyntax(IngestError):
+    code = "UNSUPPORTED_TRANSFER_SYNTAX"
+
+
+class DecodeFailed(IngestError):
+    code = "DECODE_FAILED"
+
+
+class DegenerateImage(IngestError):
+    code = "DEGENERATE_IMAGE"
+
+
+class ImageTooLarge(IngestError):
+    code = "IMAGE_TOO_LARGE"
+
+
+class PathOutsideRoot(IngestError):
+    code = "PATH_OUTSIDE_ROOT"
+
+
+# --- user input ------------------------------------------------------------------------
+class UsageError(MedresError):
+    code = "USAGE_ERROR"
+    exit_code = 2
+
+
+class ConfigInvalid(UsageError):
+    code = "CONFIG_INVALID"
+
+
+class ManifestInvalid(UsageError):
+    code = "MANIFEST_INVALID"
+
+
+class LeakageDetected(UsageError):
+    code = "SPLIT_LEAKAGE"
+
+
+class OutputExists(UsageError):
+    code = "OUTPUT_EXISTS"
+
+
+class NoInputs(UsageError):
+    code = "NO_INPUTS"
+
+
+# --- models ----------------------------------------------------------------------------
+class WeightsError(MedresError):
+    code = "WEIGHTS_INVALID"
+    exit_code = 3
+
+
+class WeightsNotFound(WeightsError):
+    code = "WEIGHTS_NOT_FOUND"
+
+
+class CheckpointInvalid(WeightsError):
+    code = "CHECKPOINT_INVALID"
+
+
+# --- training --------------------------------------------------------------------------
+class TrainingError(MedresError):
+    code = "TRAINING_FAILED"
+    exit_code = 1
+
+
+class NonFiniteLoss(TrainingError):
+    code = "NON_FINITE_LOSS"
+
+
+def all_codes() -> dict[str, type[MedresError]]:
+    """Every stable code, for the README's error table and its test."""
+    out: dict[str, type[MedresError]] = {}
+    stack: list[type[MedresError]] = [MedresError]
+    while stack:
+        cls = stack.pop()
+        out[cls.code] = cls
+        stack.extend(cls.__subclasses__())
+    return dict(sorted(out.items()))

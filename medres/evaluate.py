@@ -1,0 +1,308 @@
+"""`evaluate()`: metrics with patient-level bootstrap CIs, calibration before/after temperature
+scaling, operating points from validation, subgroup audit, per-case CSV, plots and an HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medres.data.dataset import decode_all
+from medres.data.manifest import Manifest, load_manifest
+from medres.errors import ManifestInvalid, UsageError
+from medres.files import atomic_write, csv_text
+from medres.inference import Predictor, to_probs
+from medres.io import PreprocessSpec
+from medres.metrics import brier, choose_thresholds, ece, fit_temperature, point_metrics, predict_labels
+from medres.model import ModelMeta, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+CI_KEYS = ("auroc", "average_precision", "sensitivity", "specificity", "ppv", "npv", "f1")
+
+
+@dataclass
+class Scored:
+    manifest: Manifest
+    logits: np.ndarray
+    ok: np.ndarray
+    errors: list = field(default_factory=list)
+
+
+def score_manifest(model, meta: ModelMeta, manifest: Manifest, *, device: str = "auto", precision: str = "auto", batch_size: int = 32, cache_dir=None, num_workers: int = 0) -> Scored:
+    spec = PreprocessSpec.from_dict(meta.preprocess)
+    items = [(str(manifest.absolute(i)), manifest.frame["path"].iloc[i]) for i in range(len(manifest))]
+    decoded = decode_all(items, spec, cache_dir=cache_dir, num_workers=num_workers)
+    predictor = Predictor.create(model, meta, device=device, precision=precision)
+    x = torch.from_numpy(decoded.pixels)
+    logits = np.zeros((len(manifest), len(meta.classes)), dtype=np.float32)
+    for i in range(0, len(x), batch_size):
+        logits[i : i + batch_size] = predictor.logits(x[i : i + batch_size])
+    return Scored(manifest, logits, decoded.ok, decoded.errors)
+
+
+# --- bootstrap -----------------------------------------------------------------------------------
+def patient_bootstrap(patients: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """Index sets for `n` resamples of patients with replacement: a patient's images move together."""
+    uniq, inverse = np.unique(patients, return_inverse=True)
+    members = [np.nonzero(inverse == k)[0] for k in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        out.append(np.concatenate([members[k] for k in pick]))
+    return out
+
+
+def bootstrap_ci(y, p, patients, classes, task, thresholds, n: int, seed: int = 0) -> dict:
+    """95% percentile CIs for every per-class and macro metric (and accuracy)."""
+    if n <= 0 or len(y) == 0:
+        return {}
+    samples: dict[str, list[float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for idx in patient_bootstrap(patients, n, seed):
+            m = point_metrics(y[idx], p[idx], classes, task, thresholds)
+            for c in classes:
+                for k in CI_KEYS:
+                    samples.setdefault(f"{c}.{k}", []).append(m["per_class"][c][k])
+            for k in CI_KEYS:
+                samples.setdefault(f"macro.{k}", []).append(m["macro"][k])
+            if "accuracy" in m:
+                samples.setdefault("accuracy", []).append(m["accuracy"])
+    out = {}
+    for key, vals in samples.items():
+        v = np.asarray(vals, dtype=float)
+        v = v[~np.isnan(v)]
+        out[key] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [float("nan"), float("nan")]
+    return out
+
+
+def metrics_with_ci(y, p, patients, classes, task, thresholds, n_boot: int, seed: int = 0) -> dict:
+    m = point_metrics(y, p, classes, task, thresholds)
+    ci = bootstrap_ci(y, p, patients, classes, task, thresholds, n_boot, seed)
+    for c in classes:
+        for k in CI_KEYS:
+            m["per_class"][c][k + "_ci"] = ci.get(f"{c}.{k}")
+    for k in CI_KEYS:
+        m["macro"][k + "_ci"] = ci.get(f"macro.{k}")
+    if "accuracy" in m:
+        m["accuracy_ci"] = ci.get("accuracy")
+    m["images"], m["patients"] = int(len(y)), int(len(np.unique(patients)))
+    return m
+
+
+# --- subgroups -----------------------------------------------------------------------------------
+def subgroup_audit(y, p, logits, frame: pd.DataFrame, column: str, classes, task, thresholds, n_boot: int, seed: int) -> tuple[dict, list[str]]:
+    if column not in frame.columns:
+        raise UsageError(f"--by {column}: no such manifest column (columns: {', '.join(frame.columns)})")
+    values = frame[column].astype(str).replace("", "(blank)").to_numpy()
+    patients = frame["patient_id"].to_numpy()
+    table, warns = {}, []
+    overall = point_metrics(y, p, classes, task, thresholds)
+    for v in sorted(set(values)):
+        mask = values == v
+        m = metrics_with_ci(y[mask], p[mask], patients[mask], classes, task, thresholds, n_boot, seed)
+        table[v] = m
+        rest = point_metrics(y[~mask], p[~mask], classes, task, thresholds) if (~mask).any() else None
+        if rest is None:
+            continue
+        for c in classes:
+            ci = m["per_class"][c]["auroc_ci"]
+            other = rest["per_class"][c]["auroc"]
+            if ci and not any(math.isnan(b) for b in ci) and not math.isnan(other) and not ci[0] <= other <= ci[1]:
+                warns.append(f"{column}={v}: {c} AUROC {m['per_class'][c]['auroc']:.3f} (95% CI {ci[0]:.3f}–{ci[1]:.3f}) differs from the rest ({other:.3f})")
+        for c in classes:
+            if m["per_class"][c]["positives"] == 0 and overall["per_class"][c]["positives"] > 0:
+                warns.append(f"{column}={v}: no {c} cases — {c} AUROC is undefined here (NaN)")
+    predictability = column_predictability(logits, values, patients)
+    if predictability is not None and predictability >= 0.8:
+        warns.append(
+            f"{column} is predictable from the model outputs (AUROC {predictability:.2f}): the model may have learned "
+            f"the {column} rather than the disease — check per-{column} metrics and heatmaps"
+        )
+    return {"column": column, "groups": table, "predictability_auroc": predictability}, warns
+
+
+def column_predictability(logits: np.ndarray, values: np.ndarray, patients: np.ndarray) -> float | None:
+    """Cross-validated (patient-grouped) macro one-vs-rest AUROC of predicting the column from the logits."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+
+    uniq, counts = np.unique(values, return_counts=True)
+    if len(uniq) < 2 or counts.min() < 3 or len(np.unique(patients)) < 5:
+        return None
+    folds = min(5, len(np.unique(patients)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proba = cross_val_predict(LogisticRegression(max_iter=1000), logits, values, groups=patients, cv=GroupKFold(folds), method="predict_proba")
+            if len(uniq) == 2:
+                return float(roc_auc_score(values == uniq[1], proba[:, 1]))
+            return float(roc_auc_score(values, proba, multi_class="ovr", labels=uniq))
+    except ValueError:
+        return None
+
+
+# --- the command ---------------------------------------------------------------------------------
+def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None, device: str = "auto", cache_dir=None) -> dict:
+    """Fit temperature and operating points on the validation split and store them in the checkpoint."""
+    model, meta = load_checkpoint(checkpoint)
+    manifest = _with_splits(load_manifest(manifest_path, classes=meta.classes, task=meta.task), splits_csv)
+    val = manifest.subset((manifest.frame["split"] == "val").to_numpy())
+    if len(val) == 0:
+        raise ManifestInvalid(f"{manifest.source}: no validation rows to calibrate on")
+    scored = score_manifest(model, meta, val, device=device, cache_dir=cache_dir)
+    y, z = val.targets[scored.ok], scored.logits[scored.ok]
+    meta.temperature = fit_temperature(z, y, meta.task)
+    meta.thresholds, meta.threshold_method = choose_thresholds(y, to_probs(z, meta.task, meta.temperature), target_sensitivity=target_sensitivity)
+    save_checkpoint(checkpoint, model, meta)
+    return {"temperature": meta.temperature, "thresholds": meta.thresholds, "method": meta.threshold_method}
+
+
+def _with_splits(manifest: Manifest, splits_csv: str | Path | None) -> Manifest:
+    if splits_csv is None:
+        return manifest
+    s = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
+    lookup = dict(zip(s["path"], s["split"]))
+    frame = manifest.frame.copy()
+    frame["split"] = [lookup.get(p, "") for p in frame["path"]]
+    return Manifest(frame, manifest.targets, manifest.classes, manifest.task, manifest.root, manifest.source)
+
+
+def evaluate(
+    checkpoint: str | Path,
+    manifest_path: str | Path,
+    out: str | Path,
+    *,
+    split: str | None = "test",
+    splits_csv: str | Path | None = None,
+    by: list[str] | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    cache_dir=None,
+    num_workers: int = 0,
+    plots: bool = True,
+) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, meta = load_checkpoint(checkpoint)
+    manifest = _with_splits(load_manifest(manifest_path, classes=meta.classes, task=meta.task), splits_csv)
+    warns: list[str] = []
+    if split:
+        if "split" not in manifest.frame.columns:
+            raise UsageError(f"--split {split}: the manifest has no split column; pass --run RUN_DIR (its splits.csv) or --split ''")
+        manifest = manifest.subset((manifest.frame["split"] == split).to_numpy())
+        if len(manifest) == 0:
+            raise ManifestInvalid(f"no rows with split={split}")
+    scored = score_manifest(model, meta, manifest, device=device, precision=precision, cache_dir=cache_dir, num_workers=num_workers)
+    ok = scored.ok
+    warns += [f"skipped {m}" for _, _, m in scored.errors]
+    y, z = manifest.targets[ok], scored.logits[ok]
+    frame = manifest.frame[ok].reset_index(drop=True)
+    patients = frame["patient_id"].to_numpy()
+    p_raw, p_cal = to_probs(z, meta.task, 1.0), to_probs(z, meta.task, meta.temperature)
+    thresholds = meta.effective_thresholds()
+    if not meta.thresholds:
+        warns.append("checkpoint has no operating points from validation: using 0.5 (run medres calibrate)")
+    for j, c in enumerate(meta.classes):
+        if y[:, j].sum() == 0:
+            warns.append(f"class {c} is absent from the evaluated split: its AUROC/AP/sensitivity are NaN")
+    result = metrics_with_ci(y, p_cal, patients, meta.classes, meta.task, thresholds, bootstrap, seed)
+    result["calibration"] = {
+        "temperature": meta.temperature,
+        "before": {"ece": ece(y, p_raw, meta.task), "brier": brier(y, p_raw, meta.task)},
+        "after": {"ece": ece(y, p_cal, meta.task), "brier": brier(y, p_cal, meta.task)},
+    }
+    result["operating_points"] = {"method": meta.threshold_method or "default 0.5", "thresholds": dict(zip(meta.classes, thresholds))}
+    result["split"], result["classes"], result["task"] = split, meta.classes, meta.task
+    result["failed_images"] = len(scored.errors)
+    result["subgroups"] = []
+    for column in by or []:
+        table, w = subgroup_audit(y, p_cal, z, frame, column, meta.classes, meta.task, thresholds, bootstrap, seed)
+        result["subgroups"].append(table)
+        warns += w
+    result["warnings"] = warns
+    for w in warns:
+        log.warning(w)
+
+    labels = predict_labels(p_cal, meta.task, thresholds)
+    rows = []
+    for i in range(len(frame)):
+        truth = meta.classes[int(y[i].argmax())] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, y[i]) if v)
+        pred = meta.classes[int(labels[i])] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, labels[i]) if v)
+        rows.append([frame["path"].iloc[i], frame["patient_id"].iloc[i], truth] + [f"{v:.6f}" for v in p_cal[i]] + [pred])
+    atomic_write(out / "per_case.csv", csv_text(["path", "patient_id", "label"] + [f"prob_{c}" for c in meta.classes] + ["prediction"], rows))
+    atomic_write(out / "metrics.json", json.dumps(_clean(result), indent=2))
+    if plots:
+        from medres.plots import write_plots
+
+        result["plots"] = write_plots(out, y, p_raw, p_cal, meta, thresholds)
+        atomic_write(out / "report.html", render_html(result, meta))
+    return result
+
+
+def _clean(obj):
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _clean(obj.item())
+    return obj
+
+
+def fmt(v, ci=None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    s = f"{v:.3f}"
+    if ci and ci[0] is not None and not (isinstance(ci[0], float) and math.isnan(ci[0])):
+        s += f" <span class=ci>({ci[0]:.3f}–{ci[1]:.3f})</span>"
+    return s
+
+
+def render_html(result: dict, meta: ModelMeta) -> str:
+    e = html.escape
+    rows = []
+    for c, m in result["per_class"].items():
+        rows.append("<tr><td>" + e(c) + "</td><td>" + str(m["positives"]) + "</td>" + "".join(f"<td>{fmt(m[k], m.get(k + '_ci'))}</td>" for k in CI_KEYS) + f"<td>{m['threshold']:.3f}</td></tr>")
+    mac = result["macro"]
+    rows.append("<tr class=macro><td>macro</td><td></td>" + "".join(f"<td>{fmt(mac[k], mac.get(k + '_ci'))}</td>" for k in CI_KEYS) + "<td></td></tr>")
+    cal = result["calibration"]
+    sub_html = []
+    for s in result["subgroups"]:
+        lines = [f"<h3>By {e(s['column'])}</h3><table><tr><th>{e(s['column'])}</th><th>images</th><th>patients</th>" + "".join(f"<th>{e(c)} AUROC</th>" for c in result["classes"]) + "<th>macro AUROC</th></tr>"]
+        for v, m in s["groups"].items():
+            lines.append(f"<tr><td>{e(v)}</td><td>{m['images']}</td><td>{m['patients']}</td>" + "".join(f"<td>{fmt(m['per_class'][c]['auroc'], m['per_class'][c]['auroc_ci'])}</td>" for c in result["classes"]) + f"<td>{fmt(m['macro']['auroc'], m['macro']['auroc_ci'])}</td></tr>")
+        lines.append("</table>")
+        if s.get("predictability_auroc") is not None:
+            lines.append(f"<p>Predictability of {e(s['column'])} from the model outputs: AUROC {s['predictability_auroc']:.2f}</p>")
+        sub_html.append("".join(lines))
+    warn_html = "".join(f"<li>{e(w)}</li>" for w in result["warnings"]) or "<li>none</li>"
+    plots = "".join(f'<figure><img src="{e(p)}" alt="{e(p)}"><figcaption>{e(p)}</figcaption></figure>' for p in result.get("plots", []))
+    acc = f"<p>Accuracy {fmt(result['accuracy'], result.get('accuracy_ci'))}</p>" if "accuracy" in result else ""
+    return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>medres evaluation</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}.ci{{color:#666;font-size:85%}}.macro{{font-weight:bold}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:480px}}.ruo{{background:#fee;padding:.5em;border:1px solid #c99}}</style></head><body>
+<h1>medres evaluation</h1><p class=ruo>Research use only — not for diagnosis.</p>
+<p>Split: {e(str(result['split']))} · {result['images']} images from {result['patients']} patients · classes: {e(', '.join(result['classes']))} · 95% CIs from {e('a patient-level bootstrap')}</p>
+<h2>Metrics at the validation operating points ({e(result['operating_points']['method'])})</h2>
+<table><tr><th>class</th><th>positives</th>{''.join(f'<th>{k}</th>' for k in CI_KEYS)}<th>threshold</th></tr>{''.join(rows)}</table>{acc}
+<h2>Calibration</h2><table><tr><th></th><th>ECE</th><th>Brier</th></tr>
+<tr><td>before (T=1)</td><td>{fmt(cal['before']['ece'])}</td><td>{fmt(cal['before']['brier'])}</td></tr>
+<tr><td>after (T={cal['temperature']:.3f})</td><td>{fmt(cal['after']['ece'])}</td><td>{fmt(cal['after']['brier'])}</td></tr></table>
+<h2>Warnings</h2><ul>{warn_html}</ul>
+<h2>Subgroups</h2>{''.join(sub_html) or '<p>none requested (--by COLUMN)</p>'}
+<h2>Plots</h2>{plots}
+</body></html>"""

@@ -1,0 +1,70 @@
+"""`medres export --format onnx`: dynamic batch axis, preprocessing metadata, parity check."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medres.errors import MedresError, UsageError
+from medres.files import atomic_path
+from medres.inference import normalise, to_probs
+from medres.model import load_checkpoint
+
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportParityError(MedresError):
+    code = "EXPORT_PARITY"
+    exit_code = 1
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, samples: np.ndarray | None = None) -> dict:
+    """Export (input: normalised (B, C, S, S) float32, output: logits) and check parity:
+    max |Δprob| between ONNX Runtime and torch fp32 must be ≤ 1e-4."""
+    import onnx
+    import onnxruntime as ort
+
+    out = Path(out)
+    model, meta = load_checkpoint(checkpoint)
+    model = model.float().eval()
+    size = int(meta.preprocess["image_size"])
+    example = torch.zeros(2, meta.in_channels, size, size)
+    with atomic_path(out) as tmp:
+        torch.onnx.export(
+            model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+        )
+        proto = onnx.load(str(tmp))
+        for key, value in {"medres": json.dumps(asdict(meta)), "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std", "output": "logits; apply softmax (multiclass) or sigmoid (multilabel) after dividing by temperature"}.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
+        parity = check_parity(model, meta, str(tmp), samples)
+        if parity > PARITY_TOLERANCE:
+            raise ExportParityError(f"ONNX parity check failed: max |Δprob| = {parity:.2e} > {PARITY_TOLERANCE:g}")
+    return {"out": str(out), "max_abs_prob_diff": parity, "opset": opset}
+
+
+def check_parity(model, meta, onnx_path: str, samples: np.ndarray | None = None) -> float:
+    import onnxruntime as ort
+
+    size = int(meta.preprocess["image_size"])
+    if samples is None:
+        rng = np.random.default_rng(0)
+        samples = rng.random((3, size, size), dtype=np.float32)
+    x = normalise(torch.from_numpy(samples.astype(np.float32)), meta.mean, meta.std, meta.in_channels)
+    with torch.no_grad():
+        ref = to_probs(model.float()(x), meta.task, meta.temperature)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    got = to_probs(session.run(None, {"image": x.numpy()})[0], meta.task, meta.temperature)
+    return float(np.abs(ref - got).max())
+
+
+def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "onnx") -> dict:
+    if fmt != "onnx":
+        raise UsageError(f"--format {fmt!r} is not supported (onnx)")
+    return export_onnx(checkpoint, out)

@@ -1,0 +1,87 @@
+"""Output safety: atomic writes, CSV-injection neutralising, input paths confined to a root."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from medres.errors import OutputExists, PathOutsideRoot
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it into place, on failure remove it."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+        _fsync(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def safe_cell(value: object) -> object:
+    """Neutralise spreadsheet formulas (CSV injection): prefix a quote to cells starting = + - @."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        try:
+            float(value)
+            return value  # a negative number is data, not a formula
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def csv_text(header: list[str], rows: list[list[object]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([safe_cell(v) for v in row])
+    return buf.getvalue()
+
+
+def resolve_under_root(root: Path, relative: str) -> Path:
+    """Resolve `relative` inside `root`, following symlinks; refuse anything that escapes it."""
+    root_real = Path(os.path.realpath(root))
+    candidate = Path(relative)
+    full = candidate if candidate.is_absolute() else root_real / candidate
+    try:
+        real = Path(os.path.realpath(full, strict=False))
+    except (OSError, RuntimeError):  # symlink loop
+        raise PathOutsideRoot(f"path cannot be resolved (symlink loop?): {relative}", path=relative) from None
+    if os.path.islink(full) and not os.path.exists(full):
+        # dangling link or loop
+        try:
+            os.stat(full)
+        except OSError as exc:
+            if "loop" in str(exc).lower() or getattr(exc, "errno", None) == 40:
+                raise PathOutsideRoot("symlink loop", path=relative) from None
+    if real != root_real and root_real not in real.parents:
+        raise PathOutsideRoot(f"resolves outside the data root {root}", path=relative)
+    return real

@@ -1,0 +1,93 @@
+"""Device, precision and the one place where model inputs are normalised and outputs turned into
+probabilities. Used by train (validation), evaluate, predict and report alike."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medres.model import ModelMeta, ResNet50
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """`auto` → bf16 on CPUs with native bf16 and on CUDA GPUs that support it, fp16 on older GPUs;
+    None means plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def normalise(x: torch.Tensor, mean: list[float], std: list[float], in_channels: int) -> torch.Tensor:
+    """(B, H, W) in [0, 1] → (B, C, H, W) normalised; grey repeated for 3 channels."""
+    x = x.unsqueeze(1)
+    if in_channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def to_probs(logits: torch.Tensor | np.ndarray, task: str, temperature: float = 1.0) -> np.ndarray:
+    z = torch.as_tensor(np.asarray(logits, dtype=np.float32) if not isinstance(logits, torch.Tensor) else logits.float()) / temperature
+    p = torch.softmax(z, dim=1) if task == "multiclass" else torch.sigmoid(z)
+    return p.cpu().numpy()
+
+
+@dataclass
+class Predictor:
+    """Batched scoring with the checkpoint's own normalisation, calibration and precision."""
+
+    model: ResNet50
+    meta: ModelMeta
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool = True
+
+    @classmethod
+    def create(cls, model: ResNet50, meta: ModelMeta, *, device: str = "auto", precision: str = "auto") -> "Predictor":
+        dev = resolve_device(device)
+        model = model.to(dev).eval()
+        if dev.type != "mps":
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model, meta, dev, resolve_precision(precision, dev))
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = normalise(pixels.to(self.device, non_blocking=True).float(), self.meta.mean, self.meta.std, self.meta.in_channels)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def logits(self, pixels: torch.Tensor) -> np.ndarray:
+        x = self.prepare(pixels)
+        with autocast(self.device, self.dtype):
+            out = self.model(x)
+        return out.float().cpu().numpy()
+
+    def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        return to_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)

@@ -1,0 +1,106 @@
+"""The single entry point: sniff the content (not the extension), dispatch, resize, cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medres.errors import FileMissing, IngestError, NotAnImage
+from medres.io.cache import ImageCache, file_digest
+from medres.io.dicom import load_dicom
+from medres.io.raster import load_raster
+from medres.io.record import LoadedImage, PreprocessSpec, Record
+from medres.io.resize import resize_to_square
+
+_RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+# A bare DICOM dataset (no preamble) starts with a group 0x0002 or 0x0008 tag, little or big endian.
+_BARE_DICOM_START = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+def sniff(path: Path) -> str:
+    """'dicom', 'dicom-bare', 'raster' or raise NotAnImage. Decided by content only."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except FileNotFoundError:
+        raise FileMissing("file not found") from None
+    except IsADirectoryError:
+        raise NotAnImage("is a directory") from None
+    except OSError as exc:
+        raise NotAnImage(f"cannot be read ({type(exc).__name__})") from None
+    if not head:
+        raise NotAnImage("empty file")
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_RASTER_MAGIC):
+        return "raster"
+    if head[:2] in _BARE_DICOM_START and len(head) >= 8:
+        return "dicom-bare"
+    raise NotAnImage("content is not DICOM, PNG, JPEG, TIFF or BMP")
+
+
+def decode_file(path: Path, spec: PreprocessSpec, rec: Record, *, frame: int | None = None) -> np.ndarray:
+    """File → native-resolution float32 in [0, 1] (bright = dense), steps in `rec`."""
+    kind = sniff(path)
+    if kind == "raster":
+        return load_raster(path, rec, max_megapixels=spec.max_megapixels, target_size=spec.image_size)
+    return load_dicom(path, rec, voi=spec.voi, max_megapixels=spec.max_megapixels, preamble=(kind == "dicom"), frame=frame)
+
+
+def load_image(
+    path: str | os.PathLike,
+    spec: PreprocessSpec | None = None,
+    *,
+    display_path: str | None = None,
+    cache: ImageCache | None = None,
+    keep_original: bool = False,
+    frame: int | None = None,
+) -> LoadedImage:
+    """Load any supported file → `LoadedImage` (model input + record).
+
+    `display_path` is what messages and records call the file (relative to the input root).
+    Raises an `IngestError` subclass with a stable code; nothing else escapes for bad content.
+    """
+    spec = spec or PreprocessSpec()
+    path = Path(path)
+    shown = display_path if display_path is not None else path.name
+    key = None
+    try:
+        if cache is not None and not keep_original and frame is None:
+            key = ImageCache.key(file_digest(path), spec.digest())
+            hit = cache.get(key)
+            if hit is not None:
+                arr, d = hit
+                d["path"] = shown
+                rec = Record.from_dict(d)
+                rec.cached = True
+                return LoadedImage(arr, rec)
+        rec = Record(path=shown)
+        x = decode_file(path, spec, rec, frame=frame)
+        native = _native_size(x, rec)
+        pixels, geometry = resize_to_square(x, spec.image_size, spec.resize, original_hw=native)
+        rec.geometry = geometry
+        rec.step(f"resize: {spec.resize} {native[0]}x{native[1]} → {spec.image_size}x{spec.image_size}")
+        if key is not None:
+            cache.put(key, pixels, rec)
+        return LoadedImage(pixels, rec, original=x if keep_original else None)
+    except FileNotFoundError:
+        raise FileMissing("file not found", path=shown) from None
+    except IngestError as err:
+        raise err.with_path(shown)
+    except MemoryError:
+        raise NotAnImage("not enough memory to decode", path=shown) from None
+
+
+def _native_size(x: np.ndarray, rec: Record) -> tuple[int, int]:
+    """Full-resolution size when the decoder downscaled (JPEG DCT scaling): from the record's step."""
+    for step in rec.steps:
+        if "scale (DCT scaling) from " in step:
+            h, w = step.rsplit("from ", 1)[1].split("x")
+            # EXIF rotation by 90°/270° swaps the axes of the decoded image.
+            if (x.shape[0] > x.shape[1]) != (int(h) > int(w)) and x.shape[0] != x.shape[1]:
+                h, w = w, h
+            return int(h), int(w)
+    return x.shape[0], x.shape[1]

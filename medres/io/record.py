@@ -1,0 +1,115 @@
+"""What ingestion did to a file: the spec it followed, the steps, the geometry. No identifiers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+ResizeMode = Literal["letterbox", "crop", "stretch"]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything that decides the model input for a file; stored in checkpoints, hashed for the cache."""
+
+    image_size: int = 224
+    resize: ResizeMode = "letterbox"
+    voi: str | int = "auto"
+    max_megapixels: float = 100.0
+
+    def digest(self) -> str:
+        payload = json.dumps(asdict(self), sort_keys=True) + "|pipeline-v1"
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        return cls(**{k: d[k] for k in ("image_size", "resize", "voi", "max_megapixels") if k in d})
+
+
+@dataclass
+class Geometry:
+    """Maps model-input pixels back to the original image: model = original * scale + offset.
+
+    `offset_*` is where the original's top-left lands in model space (negative when cropped).
+    """
+
+    original_height: int
+    original_width: int
+    size: int
+    mode: str
+    scale_y: float
+    scale_x: float
+    offset_y: float
+    offset_x: float
+
+    def model_to_original(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel-centre convention: model (y, x) → original (y, x)."""
+        return (y + 0.5 - self.offset_y) / self.scale_y - 0.5, (x + 0.5 - self.offset_x) / self.scale_x - 0.5
+
+    def to_original(self, heat: np.ndarray) -> np.ndarray:
+        """Resample a (size, size) model-space map onto the original (H, W) grid; NaN where not seen."""
+        from scipy.ndimage import map_coordinates
+
+        h, w = self.original_height, self.original_width
+        gy = (np.arange(h, dtype=np.float32) + 0.5) * self.scale_y + self.offset_y - 0.5
+        gx = (np.arange(w, dtype=np.float32) + 0.5) * self.scale_x + self.offset_x - 0.5
+        yy, xx = np.meshgrid(gy, gx, indexing="ij")
+        out = map_coordinates(heat.astype(np.float32), [yy, xx], order=1, mode="constant", cval=np.nan)
+        # Pixels whose model position falls outside the model canvas were never seen by the model.
+        seen = (yy >= -0.5) & (yy <= heat.shape[0] - 0.5) & (xx >= -0.5) & (xx <= heat.shape[1] - 0.5)
+        edge = map_coordinates(heat.astype(np.float32), [np.clip(yy, 0, heat.shape[0] - 1), np.clip(xx, 0, heat.shape[1] - 1)], order=1)
+        out = np.where(np.isnan(out) & seen, edge, out)
+        return np.where(seen, out, np.nan).astype(np.float32)
+
+
+@dataclass
+class Record:
+    """The ingestion record of one file. Values only, never patient data."""
+
+    path: str
+    format: str = ""
+    modality: str | None = None
+    photometric: str | None = None
+    bits_allocated: int | None = None
+    bits_stored: int | None = None
+    signed: bool | None = None
+    transfer_syntax: str | None = None
+    sop_class: str | None = None
+    frames: int = 1
+    steps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    geometry: Geometry | None = None
+    cached: bool = False
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Record":
+        d = dict(d)
+        g = d.pop("geometry", None)
+        rec = cls(**d)
+        rec.geometry = Geometry(**g) if g else None
+        return rec
+
+
+@dataclass
+class LoadedImage:
+    """Model input (size×size float32 in [0, 1], bright = dense) plus its record.
+
+    `original` (native resolution, same intensity pipeline) is kept only on request (reports).
+    """
+
+    pixels: np.ndarray
+    record: Record
+    original: np.ndarray | None = None

@@ -1,0 +1,73 @@
+"""Evaluation plots (matplotlib, headless): ROC and PR per class with the operating point,
+reliability diagram before/after calibration, confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from medres.files import atomic_path  # noqa: E402
+from medres.metrics import binary_at, confusion, reliability_curve  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": "medres"})
+    plt.close(fig)
+
+
+def write_plots(out: Path, y: np.ndarray, p_raw: np.ndarray, p_cal: np.ndarray, meta, thresholds: list[float]) -> list[str]:
+    names = []
+    fig_roc, ax_roc = plt.subplots(figsize=(5, 5))
+    fig_pr, ax_pr = plt.subplots(figsize=(5, 5))
+    for j, c in enumerate(meta.classes):
+        yj, pj = y[:, j], p_cal[:, j]
+        if not 0 < yj.sum() < len(yj):
+            continue
+        fpr, tpr, _ = roc_curve(yj, pj)
+        prec, rec, _ = precision_recall_curve(yj, pj)
+        op = binary_at(yj, pj, thresholds[j])
+        (line,) = ax_roc.plot(fpr, tpr, label=c)
+        ax_roc.plot(1 - op["specificity"], op["sensitivity"], "o", color=line.get_color())
+        (line2,) = ax_pr.plot(rec, prec, label=c)
+        if not np.isnan(op["ppv"]):
+            ax_pr.plot(op["sensitivity"], op["ppv"], "o", color=line2.get_color())
+    ax_roc.plot([0, 1], [0, 1], ":", color="grey")
+    ax_roc.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (dot: operating point)")
+    ax_pr.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall (dot: operating point)")
+    ax_roc.legend(loc="lower right")
+    ax_pr.legend(loc="lower left")
+    _save(fig_roc, out / "roc.png")
+    _save(fig_pr, out / "pr.png")
+    names += ["roc.png", "pr.png"]
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, p in (("before calibration", p_raw), ("after calibration", p_cal)):
+        if len(p):
+            conf, acc, _ = reliability_curve(y, p, meta.task)
+            ax.plot(conf, acc, "o-", label=label)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="predicted probability (equal-mass bins)", ylabel="observed frequency", title="Reliability")
+    ax.legend(loc="upper left")
+    _save(fig, out / "reliability.png")
+    names.append("reliability.png")
+
+    if meta.task == "multiclass" and len(y):
+        m = confusion(y.argmax(1), p_cal.argmax(1), len(meta.classes))
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.imshow(m, cmap="Blues")
+        for i in range(m.shape[0]):
+            for k in range(m.shape[1]):
+                ax.text(k, i, str(m[i, k]), ha="center", va="center", color="black")
+        ax.set_xticks(range(len(meta.classes)), meta.classes, rotation=30)
+        ax.set_yticks(range(len(meta.classes)), meta.classes)
+        ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
+        _save(fig, out / "confusion.png")
+        names.append("confusion.png")
+    return names

@@ -1,0 +1,29 @@
+"""Progress bars (rich) with images/s and ETA; silent when disabled or not on a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Iterator
+
+
+class Progress:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and sys.stderr.isatty()
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+        if not self.enabled:
+            yield lambda **_: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with RichProgress(*columns, transient=False) as bar:
+            task_id = bar.add_task(description, total=total, info="")
+
+            def tick(**info: float) -> None:
+                text = "  ".join(f"{k} {v:.3g}" for k, v in info.items())
+                bar.update(task_id, advance=1, info=text)
+
+            yield tick
