@@ -365,6 +365,8 @@ def manifest_check(
     for row in rep["counts"]:
         table.add_row(row["class"], str(row["images"]), str(row["patients"]))
     console.print(table)
+    for w in rep["warnings"]:
+        _err(f"warning: {manifest}: {w}")
     for p in rep["problems"]:
         _err(f"[MANIFEST_INVALID] {manifest}: {p}")
     raise typer.Exit(2 if rep["problems"] else 0)

@@ -287,7 +287,7 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
                 step += 1
                 seen += len(idx)
                 losses.append(float(loss.detach()))
-                tick(loss=float(loss), ips=seen * world / (time.perf_counter() - t0))
+                tick(loss=losses[-1], ips=seen * world / (time.perf_counter() - t0))
             train_time = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "frozen": frozen, "train_loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen * world / max(train_time, 1e-9)}
             if rank == 0:

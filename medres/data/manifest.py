@@ -151,10 +151,19 @@ def _targets(df: pd.DataFrame, classes: list[str], task: str, src: str) -> np.nd
 def check_manifest(manifest: Manifest, *, check_files: bool = True) -> dict:
     """Validation report: missing files, duplicates, paths outside the root; class × patient counts."""
     problems: list[str] = []
+    warnings: list[str] = []
     df = manifest.frame
-    dup = df["path"][df["path"].duplicated()].tolist()
-    if dup:
-        problems.append(f"{len(dup)} duplicate path(s), first: {dup[0]}")
+    dup_mask = df["path"].duplicated(keep=False)
+    if dup_mask.any():
+        key = pd.DataFrame(manifest.targets[dup_mask.to_numpy()]).astype(str).agg("".join, axis=1).to_numpy()
+        per_path = pd.DataFrame({"path": df["path"][dup_mask].to_numpy(), "y": key, "p": df["patient_id"][dup_mask].to_numpy()})
+        conflicting = per_path.groupby("path")[["y", "p"]].nunique().max(axis=1)
+        bad = conflicting[conflicting > 1].index.tolist()
+        same = conflicting[conflicting == 1].index.tolist()
+        if bad:
+            problems.append(f"{len(bad)} path(s) listed with different labels or patients, first: {bad[0]}")
+        if same:
+            warnings.append(f"{len(same)} path(s) repeated with identical label and patient (each repeat weighs the image again), first: {same[0]}")
     missing, outside = [], []
     if check_files:
         for rel in df["path"]:
@@ -181,6 +190,7 @@ def check_manifest(manifest: Manifest, *, check_files: bool = True) -> dict:
         "patients": int(df["patient_id"].nunique()),
         "counts": counts,
         "problems": problems,
+        "warnings": warnings,
         "missing": missing,
         "outside": outside,
     }
