@@ -48,9 +48,13 @@ def _weights(acts: torch.Tensor, grads: torch.Tensor, method: str) -> torch.Tens
     return (alpha * F.relu(grads)).sum(dim=(2, 3))
 
 
-def compute_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, layer: str = CAM_LAYER, method: str = "gradcam") -> CamResult:
+def compute_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, layer: str = CAM_LAYER, method: str = "gradcam", score: str = "logit") -> CamResult:
     """x: normalised (B, C, H, W); targets: (B, K) class indices (-1 = none). One forward pass,
-    one backward pass per target slot."""
+    one backward pass per target slot.
+
+    `score="logit"` differentiates the raw class logit (the original Grad-CAM); `score="log_softmax"`
+    differentiates log p(class) = z_c - logsumexp(z), which removes evidence shared by all classes
+    (softmax ignores it) — the class-discriminative choice for multiclass models."""
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
     module = find_layer(model, layer)
@@ -71,12 +75,13 @@ def compute_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, lay
         with torch.enable_grad():
             logits = model(x).float()
             acts = store["acts"]
+            scores = torch.log_softmax(logits, dim=1) if score == "log_softmax" else logits
             maps = []
             for k in range(targets.shape[1]):
                 t = targets[:, k]
                 used = t >= 0
-                score = logits.gather(1, t.clamp(min=0).view(-1, 1)).squeeze(1)
-                total = (score * used.to(score.dtype)).sum()
+                chosen = scores.gather(1, t.clamp(min=0).view(-1, 1)).squeeze(1)
+                total = (chosen * used.to(chosen.dtype)).sum()
                 if acts.grad is not None:
                     acts.grad = None
                 (grads,) = torch.autograd.grad(total, acts, retain_graph=k < targets.shape[1] - 1)

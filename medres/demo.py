@@ -17,7 +17,7 @@ def default_demo_config() -> Path:
     return Path(str(resources.files("medres") / "demo.yaml"))
 
 
-def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: list[str] | None = None, n_per_class: int = 60, show_progress: bool = True) -> dict:
+def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: list[str] | None = None, n_per_class: int = 100, show_progress: bool = True) -> dict:
     from medres.data.synthetic import make_dataset
     from medres.evaluate import evaluate
     from medres.predict import predict
@@ -48,7 +48,7 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
     print("[4/5] batch scoring the test split")
     pred = predict(run / "model.safetensors", [test_manifest], out / "predictions.csv", overwrite=True, workers=1)
     print("[5/5] Grad-CAM report")
-    report(run / "model.safetensors", [test_manifest], out / "report", limit=24)
+    report(run / "model.safetensors", [test_manifest], out / "report")
     return {
         "auroc": result["macro"]["auroc"],
         "auroc_ci": result["macro"].get("auroc_ci") or [float("nan")] * 2,

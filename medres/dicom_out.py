@@ -47,7 +47,7 @@ def write_secondary_capture(source: Path, rgb: np.ndarray, out: Path, *, include
             "study_time": str(ref.get("StudyTime", "")) or None,
         }
     else:
-        identity = {"patient_id": "ANONYMOUS", "patient_name": "Anonymous"}
+        identity = {"patient_id": "ANONYMOUS", "patient_name": "Anonymous^"}
     sc = hd.sc.SCImage(
         pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
         photometric_interpretation="RGB",

@@ -190,13 +190,18 @@ def report(
             if faithfulness:
                 case.deletion_auc, case.insertion_auc = _faithfulness(predictor, pix[i], cams[0], case.targets[0])
 
-    # One absolute scale for the whole report.
-    all_vals = np.concatenate([c.cams.ravel() for c in cases if c.cams is not None]) if any(c.cams is not None for c in cases) else np.zeros(1)
-    scale = float(np.percentile(all_vals, 99.5)) if all_vals.size else 0.0
-    scale = scale if scale > 0 else 1.0
+    # One absolute scale per class, shared by every case in the report: a class's maps are comparable
+    # across cases, and a weak map stays cold instead of being stretched to full colour.
+    scales: dict[int, float] = {}
+    for k in range(len(meta.classes)):
+        vals = [c.cams[i].ravel() for c in cases if c.cams is not None for i, t in enumerate(c.targets) if t == k]
+        if vals:
+            v = float(np.percentile(np.concatenate(vals), 99.5))
+            scales[k] = v if v > 0 else 1.0
     cmap = _colormap()
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    _write_colorbar(out / "colorbar.png", scale, normalize, weight_by_probability)
+    for k, scale in scales.items():
+        _write_colorbar(out / f"colorbar_{k}.png", meta.classes[k], scale, normalize, weight_by_probability)
 
     # Pass 2: overlays on the original images, pages.
     for case in cases:
@@ -211,7 +216,7 @@ def report(
         _save_png(out / "cases" / f"{case.name}_thumb.png", np.asarray(thumb))
         for k, cls in enumerate(case.targets):
             cam = case.cams[k]
-            heat = cam / (cam.max() if normalize == "per-image" and cam.max() > 0 else scale)
+            heat = cam / (cam.max() if normalize == "per-image" and cam.max() > 0 else scales[cls])
             native = geom.to_original(np.clip(heat, 0, 1))
             if s < 1.0:
                 native = np.asarray(Image.fromarray(np.nan_to_num(native, nan=0.0).astype(np.float32), mode="F").resize((grey.shape[1], grey.shape[0]), Image.Resampling.BILINEAR))
@@ -220,13 +225,13 @@ def report(
                 from medres.dicom_out import write_secondary_capture
 
                 write_secondary_capture(Path(case.full), overlay(grey, native, cmap), out / "cases" / f"{case.name}_cam_{cls}.dcm", include_identifiers=include_identifiers, description=f"medres Grad-CAM {meta.classes[cls]}")
-        atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, thresholds, ckpt_sha, method, layer, normalize, scale))
-    atomic_write(out / "index.html", _index_html(cases, meta, thresholds, method, layer, normalize, scale, faithfulness))
+        atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, thresholds, ckpt_sha, method, layer, normalize, scales))
+    atomic_write(out / "index.html", _index_html(cases, meta, thresholds, method, layer, normalize, scales, faithfulness))
     summary = {
         "cases": len(cases),
         "ok": sum(c.status == "ok" for c in cases),
         "failed": sum(c.status != "ok" for c in cases),
-        "scale": scale,
+        "scales": {meta.classes[k]: v for k, v in scales.items()},
         "normalize": normalize,
         "method": method,
         "layer": layer,
@@ -240,7 +245,7 @@ def report(
     return summary
 
 
-def _write_colorbar(path: Path, scale: float, normalize: str, weighted: bool) -> None:
+def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, weighted: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,11 +255,11 @@ def _write_colorbar(path: Path, scale: float, normalize: str, weighted: bool) ->
     ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap="inferno", extent=(0, 1, 0, 1))
     ax.set_yticks([])
     if normalize == "per-image":
-        ax.set_xlabel("Grad-CAM, scaled per image (each image's maximum = 1): not comparable across cases")
+        ax.set_xlabel(f"Grad-CAM for {class_name}, scaled per image (each image's maximum = 1): not comparable across cases")
     else:
         what = "probability-weighted Grad-CAM" if weighted else "Grad-CAM"
         ax.set_xticks([0, 0.5, 1], ["0", f"{scale / 2:.3g}", f"≥{scale:.3g}"])
-        ax.set_xlabel(f"{what}, one absolute scale for every case in this report")
+        ax.set_xlabel(f"{what} for {class_name}: one absolute scale for every case in this report")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -270,7 +275,7 @@ rows.forEach(function(r){tb.appendChild(r);});});});
 </script>"""
 
 
-def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, scale, faithfulness) -> str:
+def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, scales, faithfulness) -> str:
     e = html.escape
     head = "<tr><th>case</th><th>file</th><th>image</th><th>status</th><th>prediction</th>" + "".join(f"<th>p({e(c)})</th>" for c in meta.classes)
     head += "<th>deletion AUC</th><th>insertion AUC</th>" if faithfulness else ""
@@ -293,14 +298,14 @@ def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, s
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>medres report</title><style>{_CSS}</style></head><body>
 <h1>medres Grad-CAM report</h1><p class=ruo>{RUO}</p>
 <p>{len(cases)} cases · method {e(method)} on {e(layer)} · scale: {e(normalize)} · ✔ = above the operating threshold</p>
-<p><img src="colorbar.png" alt="colour scale"></p>{summary}
+<p>{''.join(f'<img src="colorbar_{k}.png" alt="colour scale for {e(meta.classes[k])}"> ' for k in scales)}</p>{summary}
 <table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>{_SORT_JS}</body></html>"""
 
 
-def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize, scale) -> str:
+def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize, scales) -> str:
     e = html.escape
     probs = "".join(f"<tr><td>{e(c)}</td><td>{p:.3f}</td><td>{t:.3f}</td><td>{'positive' if pos else ''}</td></tr>" for c, p, t, pos in zip(meta.classes, case.probs, thresholds, case.positive))
-    overlays = "".join(f'<figure><img class=big src="{case.name}_cam_{k}.png" alt="Grad-CAM {e(meta.classes[k])}"><figcaption>{e(method)} for {e(meta.classes[k])}</figcaption></figure>' for k in case.targets)
+    overlays = "".join(f'<figure><img class=big src="{case.name}_cam_{k}.png" alt="Grad-CAM {e(meta.classes[k])}"><figcaption>{e(method)} for {e(meta.classes[k])}<br><img src="../colorbar_{k}.png" alt="colour scale"></figcaption></figure>' for k in case.targets)
     rec = case.record or {}
     steps = "".join(f"<li>{e(s)}</li>" for s in rec.get("steps", []))
     warns = "".join(f"<li>{e(s)}</li>" for s in rec.get("warnings", [])) or "<li>none</li>"
@@ -309,8 +314,7 @@ def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize,
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>{case.name}</title><style>{_CSS}</style></head><body>
 <p><a href="../index.html">← all cases</a></p><h1>{case.name}: {e(case.shown)}</h1><p class=ruo>{RUO}</p>
 <figure><img class=big src="{case.name}_image.png" alt="image"><figcaption>image as the model saw it (native aspect ratio)</figcaption></figure>{overlays}
-<p><img src="../colorbar.png" alt="colour scale"></p>
 <h2>Probabilities</h2><table><tr><th>class</th><th>probability</th><th>threshold</th><th></th></tr>{probs}</table>
 <h2>Ingestion record</h2><table>{info_rows}</table><ol>{steps}</ol><p>Warnings:</p><ul>{warns}</ul>
-<h2>Model</h2><p>{e(meta.arch)} · medres {e(meta.medres_version)} · checkpoint sha256 <code>{ckpt_sha}</code> · calibration temperature {meta.temperature:.3f} · heatmap {e(method)} on {e(layer)}, {e(normalize)} scale (1.0 = {scale:.4g})</p>
+<h2>Model</h2><p>{e(meta.arch)} · medres {e(meta.medres_version)} · checkpoint sha256 <code>{ckpt_sha}</code> · calibration temperature {meta.temperature:.3f} · heatmap {e(method)} on {e(layer)}, {e(normalize)} scale ({e(", ".join(f"{meta.classes[k]}: 1.0 = {v:.4g}" for k, v in scales.items()))})</p>
 </body></html>"""

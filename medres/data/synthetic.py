@@ -103,6 +103,7 @@ def make_dataset(
     seed: int = 0,
     dicom_fraction: float = 0.25,
     images_per_patient: int = 1,
+    aspect: tuple[float, float] = (1.0, 1.2),
 ) -> Path:
     """Write PNG and DICOM phantoms, `manifest.csv` and `masks/<stem>.png`; return the manifest path."""
     out = Path(out)
@@ -115,7 +116,7 @@ def make_dataset(
         for i in range(n_per_class):
             patient = f"P{k // images_per_patient:05d}"
             k += 1
-            img, mask = phantom(rng, size, label, height=int(size * rng.uniform(1.0, 1.2)))
+            img, mask = phantom(rng, size, label, height=int(size * rng.uniform(*aspect)))
             stem = f"{label}_{i:04d}"
             if rng.random() < dicom_fraction:
                 name = f"images/{stem}.dcm"

@@ -1,0 +1,58 @@
+"""`evaluate` end to end on a trained phantom run."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medres.evaluate import evaluate
+from medres.model import load_checkpoint
+
+
+def test_evaluate_run(trained_run, phantoms, tmp_path):
+    out = tmp_path / "eval"
+    res = evaluate(trained_run / "model.safetensors", phantoms, out, split="test", splits_csv=trained_run / "splits.csv", by=["site"], bootstrap=50)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["images"] > 0 and m["patients"] > 0
+    for c in ("normal", "opacity", "diffuse"):
+        row = m["per_class"][c]
+        assert {"auroc", "auroc_ci", "sensitivity", "specificity", "ppv", "npv", "f1", "average_precision"} <= set(row)
+    assert "confusion_matrix" in m and "accuracy_ci" in m
+    assert set(m["calibration"]) == {"temperature", "before", "after"}
+    assert m["subgroups"][0]["column"] == "site" and set(m["subgroups"][0]["groups"]) <= {"A", "B"}
+    # operating points come from the checkpoint (chosen on validation), not from the test split
+    _, meta = load_checkpoint(trained_run / "model.safetensors")
+    assert [m["operating_points"]["thresholds"][c] for c in meta.classes] == pytest.approx(meta.thresholds)
+    per_case = pd.read_csv(out / "per_case.csv")
+    test_paths = set(pd.read_csv(trained_run / "splits.csv").query("split == 'test'")["path"])
+    assert set(per_case["path"]) == test_paths
+    for name in ("roc.png", "pr.png", "reliability.png", "confusion.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    assert "Research use only" in html and "roc.png" in html
+
+
+def test_subgroup_shortcut_warning(trained_run, phantoms, tmp_path):
+    """A column that equals the label is predictable from the outputs: the audit must say so."""
+    df = pd.read_csv(phantoms)
+    df["source"] = np.where(df["label"] == "opacity", "hospital-x", "hospital-y")
+    m = phantoms.parent / "with_source.csv"
+    df.to_csv(m, index=False)
+    from medres.evaluate import column_predictability
+
+    res = evaluate(trained_run / "model.safetensors", m, tmp_path / "e", split=None, by=["source"], bootstrap=20, plots=False)
+    assert res["subgroups"][0]["predictability_auroc"] is not None
+    warns = " ".join(res["warnings"])
+    assert "source=" in warns  # no opacity cases in hospital-y: the audit flags it
+
+
+def test_column_predictability_detects_shortcut():
+    from medres.evaluate import column_predictability
+
+    rng = np.random.default_rng(0)
+    values = np.array(["a"] * 50 + ["b"] * 50)
+    logits = rng.normal(0, 1, (100, 3))
+    logits[:50, 0] += 3
+    assert column_predictability(logits, values, np.arange(100).astype(str)) > 0.9
+    assert column_predictability(rng.normal(0, 1, (100, 3)), values, np.arange(100).astype(str)) < 0.75

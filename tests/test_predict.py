@@ -1,0 +1,125 @@
+"""`medres predict` and `medres export` end to end."""
+
+import csv
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import gradient, make_dicom
+from medres.cli import app
+from medres.predict import discover, predict, shard
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def mixed(tmp_path, phantoms):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    src = phantoms.parent / "images"
+    pngs = sorted(src.glob("*.png"))
+    shutil.copy(pngs[0], d / "good.png")
+    Image.open(pngs[1]).convert("RGB").save(d / "sub" / "good.jpg", quality=95)
+    make_dicom(d / "good.dcm", gradient(64, 64), WindowCenter=2000, WindowWidth=4000)
+    t = make_dicom(d / "trunc.dcm", gradient(64, 64))
+    t.write_bytes(t.read_bytes()[:-100])
+    (d / "text.dcm").write_text("this is not a dicom file\n")
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 1] = 100
+    make_dicom(d / "rgb.dcm", rgb, photometric="RGB")
+    return d
+
+
+def rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_mixed_folder(trained_run, mixed, tmp_path):
+    out = tmp_path / "preds.csv"
+    r = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "model.safetensors"), str(mixed), "--out", str(out), "--quiet", "--workers", "1"])
+    assert r.exit_code == 1, r.output
+    got = {row["path"]: row for row in rows(out)}
+    assert len(got) == 6
+    assert [row["path"] for row in rows(out)] == sorted(got)  # stable order
+    assert got["good.png"]["status"] == "ok" and got["sub/good.jpg"]["status"] == "ok" and got["good.dcm"]["status"] == "ok"
+    assert got["trunc.dcm"]["error_code"] == "PIXEL_DATA_SHORT"
+    assert got["text.dcm"]["error_code"] == "NOT_AN_IMAGE"
+    assert got["rgb.dcm"]["error_code"] == "UNSUPPORTED_PHOTOMETRIC"
+    probs = [float(got["good.png"][f"prob_{c}"]) for c in ("normal", "opacity", "diffuse")]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+    assert got["good.png"]["prediction"] in ("normal", "opacity", "diffuse")
+    # existing output refused without --overwrite
+    r2 = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "model.safetensors"), str(mixed), "--out", str(out), "--quiet"])
+    assert r2.exit_code == 2 and "OUTPUT_EXISTS" in r2.output
+
+
+def test_exit_codes(trained_run, mixed, tmp_path):
+    ok_dir = tmp_path / "ok"
+    ok_dir.mkdir()
+    shutil.copy(mixed / "good.png", ok_dir)
+    ckpt = str(trained_run / "model.safetensors")
+    assert runner.invoke(app, ["predict", "--checkpoint", ckpt, str(ok_dir), "--out", str(tmp_path / "a.csv"), "-q"]).exit_code == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert runner.invoke(app, ["predict", "--checkpoint", ckpt, str(empty), "--out", str(tmp_path / "b.csv"), "-q"]).exit_code == 2
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    r = runner.invoke(app, ["predict", "--checkpoint", str(bad), str(ok_dir), "--out", str(tmp_path / "c.csv"), "-q"])
+    assert r.exit_code == 3 and "CHECKPOINT_INVALID" in r.output
+
+
+def test_resume_matches_uninterrupted(trained_run, mixed, tmp_path):
+    ckpt = trained_run / "model.safetensors"
+    full = predict(ckpt, [mixed], tmp_path / "full.csv", workers=0, batch_size=2)
+    # An interrupted run: keep the first 3 rows only, as a crash after a flush would.
+    partial = rows(tmp_path / "full.csv")[:3]
+    pd.DataFrame(partial).to_csv(tmp_path / "part.csv", index=False)
+    res = predict(ckpt, [mixed], tmp_path / "part.csv", workers=0, batch_size=2, resume=True)
+    assert res.skipped_existing == 3
+    assert (tmp_path / "part.csv").read_text() == (tmp_path / "full.csv").read_text()
+
+
+def test_shards_partition(mixed):
+    files = discover([mixed])
+    parts = [shard(files, i, 3) for i in range(3)]
+    keys = [f.shown for p in parts for f in p]
+    assert sorted(keys) == sorted(f.shown for f in files) and len(keys) == len(set(keys))
+
+
+def test_bf16_matches_fp32(trained_run, phantoms, tmp_path):
+    ckpt = trained_run / "model.safetensors"
+    images = phantoms.parent / "images"
+    predict(ckpt, [images], tmp_path / "fp32.csv", precision="fp32", workers=0)
+    predict(ckpt, [images], tmp_path / "bf16.csv", precision="bf16", workers=0)
+    a, b = pd.read_csv(tmp_path / "fp32.csv"), pd.read_csv(tmp_path / "bf16.csv")
+    cols = [c for c in a.columns if c.startswith("prob_")]
+    assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 0.05
+    assert (a[cols].to_numpy().argmax(1) == b[cols].to_numpy().argmax(1)).mean() >= 0.95
+
+
+def test_formats_and_tta_and_manifest_input(trained_run, phantoms, tmp_path):
+    ckpt = trained_run / "model.safetensors"
+    r = predict(ckpt, [phantoms], tmp_path / "p.jsonl", fmt="jsonl", workers=0, tta=True)
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert len(lines) == r.total == len(pd.read_csv(phantoms))
+    predict(ckpt, [phantoms], tmp_path / "p.parquet", fmt="parquet", workers=0)
+    assert len(pd.read_parquet(tmp_path / "p.parquet")) == r.total
+
+
+def test_onnx_export_parity_and_backend(trained_run, phantoms, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medres.export import export
+
+    res = export(trained_run / "model.safetensors", tmp_path / "m.onnx")
+    assert res["max_abs_prob_diff"] <= 1e-4
+    images = phantoms.parent / "images"
+    predict(trained_run / "model.safetensors", [images], tmp_path / "t.csv", precision="fp32", workers=0)
+    predict(trained_run / "model.safetensors", [images], tmp_path / "o.csv", backend="onnx", onnx_path=tmp_path / "m.onnx", workers=0)
+    a, b = pd.read_csv(tmp_path / "t.csv"), pd.read_csv(tmp_path / "o.csv")
+    cols = [c for c in a.columns if c.startswith("prob_")]
+    assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() <= 1e-4
