@@ -193,6 +193,7 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     resume: bool = typer.Option(False, "--resume", help="Keep rows already in the output; score the rest."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad file."),
+    flush_every: float = typer.Option(10.0, "--flush-every", help="Seconds between atomic rewrites of the output (finished rows survive a crash)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Score whole folders; one row per file, errors included. Exit 0 all scored, 1 some failed, 2 usage, 3 bad checkpoint.
@@ -205,7 +206,7 @@ def predict(
     def go():
         bar = Progress(enabled=not quiet)
         with bar.task("predict", total=None) as tick:
-            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, on_progress=lambda n: [tick() for _ in range(n)])
+            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=lambda n: [tick() for _ in range(n)])
 
     result = _run(go, weights_exit=3)
     rate = (result.scored + result.failed) / max(result.seconds, 1e-9)

@@ -235,6 +235,8 @@ def predict(
         raise UsageError(f"--format must be csv, jsonl or parquet, got {fmt!r}")
     if out.exists() and not (overwrite or resume):
         raise OutputExists(f"{out} exists; pass --overwrite to replace it or --resume to finish it")
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed run (SIGKILL skips cleanup)
+        stale.unlink(missing_ok=True)
     files = discover(inputs)
     sh = parse_shard(shard_spec)
     if sh:

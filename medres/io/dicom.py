@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medres.errors import (
@@ -70,7 +69,9 @@ def read_dataset(path: Path, rec: Record, *, preamble: bool) -> pydicom.Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(str(path), force=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, AttributeError, IndexError, OverflowError, NotImplementedError) as exc:
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 — parser boundary: any failure on hostile bytes is "not DICOM"
         raise NotAnImage(f"not a readable DICOM file ({type(exc).__name__})") from None
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -181,7 +182,9 @@ def decode(ds: pydicom.Dataset, rec: Record, frame: int | None) -> np.ndarray:
             if frame is not None:
                 ds.pixel_array_options(index=frame)
             arr = ds.pixel_array
-    except (ValueError, RuntimeError, OSError, EOFError, KeyError, IndexError, TypeError, AttributeError, NotImplementedError, MemoryError) as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 — codec boundary: C/Rust plugins raise many types, pyo3's PanicException derives from BaseException
         text = str(exc).lower()
         if "missing" in text and ("plugin" in text or "dependenc" in text):
             uid = UID(str(ds.file_meta.TransferSyntaxUID))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medres.errors import FileMissing, IngestError, NotAnImage
+from medres.errors import DecodeFailed, FileMissing, IngestError, NotAnImage
 from medres.io.cache import ImageCache, file_digest
 from medres.io.dicom import load_dicom
 from medres.io.raster import load_raster
@@ -44,9 +44,15 @@ def sniff(path: Path) -> str:
 def decode_file(path: Path, spec: PreprocessSpec, rec: Record, *, frame: int | None = None) -> np.ndarray:
     """File → native-resolution float32 in [0, 1] (bright = dense), steps in `rec`."""
     kind = sniff(path)
-    if kind == "raster":
-        return load_raster(path, rec, max_megapixels=spec.max_megapixels, target_size=spec.image_size)
-    return load_dicom(path, rec, voi=spec.voi, max_megapixels=spec.max_megapixels, preamble=(kind == "dicom"), frame=frame)
+    try:
+        if kind == "raster":
+            return load_raster(path, rec, max_megapixels=spec.max_megapixels, target_size=spec.image_size)
+        return load_dicom(path, rec, voi=spec.voi, max_megapixels=spec.max_megapixels, preamble=(kind == "dicom"), frame=frame)
+    except (IngestError, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 — parser boundary: pydicom converts elements lazily and
+        # raises on first access of a malformed one; PIL plugins raise assorted types on hostile bytes.
+        raise DecodeFailed(f"malformed {'image' if kind == 'raster' else 'DICOM'} content ({type(exc).__name__})") from None
 
 
 def load_image(

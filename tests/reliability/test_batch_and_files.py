@@ -1,0 +1,142 @@
+"""Reliability cases 12–16: batches keep going, outputs are atomic, paths stay inside the root,
+CSV cells are neutralised, config/manifest errors exit 2 naming the key or column."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import gradient
+from medres.cli import app
+from medres.files import safe_cell
+from medres.predict import predict
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def png(path, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(path)
+    return path
+
+
+# 12 -----------------------------------------------------------------------------------------------
+def test_n_inputs_k_bad(trained_run, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(7):
+        png(d / f"{i:02d}.png", i)
+    (d / "03.png").write_text("bad")
+    (d / "05.png").write_bytes(b"")
+    r = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "model.safetensors"), str(d), "--out", str(tmp_path / "o.csv"), "-q", "--workers", "1"])
+    assert r.exit_code == 1
+    rows = list(csv.DictReader(open(tmp_path / "o.csv")))
+    assert [r["path"] for r in rows] == [f"{i:02d}.png" for i in range(7)]
+    assert sum(r["status"] == "error" for r in rows) == 2
+
+
+# 13 -----------------------------------------------------------------------------------------------
+def test_kill_9_then_resume(trained_run, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(150):
+        png(d / f"{i:03d}.png", i)
+    ckpt = str(trained_run / "model.safetensors")
+    out = tmp_path / "o.csv"
+    cmd = [sys.executable, "-m", "medres", "predict", "--checkpoint", ckpt, str(d), "--out", str(out), "-q", "--workers", "1", "--batch-size", "4", "--flush-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and out.stat().st_size > 2000):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if out.exists():  # the previous complete file: every row whole, none half-written
+        df = pd.read_csv(out)
+        assert len(df) < 150 and df["status"].eq("ok").all() and df["prob_normal"].notna().all()
+    r = runner.invoke(app, ["predict", "--checkpoint", ckpt, str(d), "--out", str(out), "-q", "--resume", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.csv")]  # stale temp files cleaned
+    full = tmp_path / "full.csv"
+    predict(ckpt, [d], full, workers=1)
+    a, b = pd.read_csv(out), pd.read_csv(full)
+    assert list(a["path"]) == list(b["path"])
+    cols = [c for c in a.columns if c.startswith("prob_")]
+    assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-5
+
+
+# 14 -----------------------------------------------------------------------------------------------
+def test_existing_output_refused(trained_run, tmp_path):
+    png(tmp_path / "a.png")
+    (tmp_path / "o.csv").write_text("keep me")
+    r = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "model.safetensors"), str(tmp_path / "a.png"), "--out", str(tmp_path / "o.csv"), "-q"])
+    assert r.exit_code == 2 and (tmp_path / "o.csv").read_text() == "keep me"
+
+
+# 15 -----------------------------------------------------------------------------------------------
+def test_manifest_paths_outside_root(trained_run, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    png(root / "ok.png")
+    png(tmp_path / "outside.png")
+    os.symlink(tmp_path / "outside.png", root / "link_out.png")
+    os.symlink(root / "loop_a", root / "loop_b")
+    os.symlink(root / "loop_b", root / "loop_a")
+    rows = ["ok.png", "../outside.png", str(tmp_path / "outside.png"), "link_out.png", "loop_a"]
+    pd.DataFrame({"path": rows}).to_csv(root / "m.csv", index=False)
+    r = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "model.safetensors"), str(root / "m.csv"), "--out", str(tmp_path / "o.csv"), "-q", "--workers", "0"])
+    assert r.exit_code == 1
+    got = {row["path"]: row for row in csv.DictReader(open(tmp_path / "o.csv"))}
+    assert got["ok.png"]["status"] == "ok"
+    for bad in rows[1:]:
+        assert got[bad]["error_code"] == "PATH_OUTSIDE_ROOT", bad
+
+
+def test_odd_names_round_trip_and_formula_cells(trained_run, tmp_path):
+    d = tmp_path / "odd"
+    d.mkdir()
+    names = ['comma,name.png', 'quote"name.png', "new\nline.png", "ümlaut-名前.png", "=cmd|calc.png", "+plus.png", "@at.png", "-minus.png"]
+    for i, n in enumerate(names):
+        png(d / n, i)
+    out = tmp_path / "o.csv"
+    predict(trained_run / "model.safetensors", [d], out, workers=0)
+    rows = list(csv.DictReader(open(out, newline="", encoding="utf-8")))
+    got = sorted(r["path"] for r in rows)
+    expected = sorted(safe_cell(n) for n in names)
+    assert got == expected
+    assert "'=cmd|calc.png" in got and "'+plus.png" in got and "'@at.png" in got and "'-minus.png" in got
+    assert "new\nline.png" in got and "ümlaut-名前.png" in got
+    assert safe_cell("-0.5") == "-0.5"  # numbers are not formulas
+
+
+# 16 -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,expect", [
+    ("train.epocs=3", "train.epocs"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=-1", "train.epochs"),
+])
+def test_config_errors_exit_2(phantoms, override, expect):
+    r = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"data.manifest={phantoms}", "--set", override, "-q"])
+    assert r.exit_code == 2 and expect in r.output and "CONFIG_INVALID" in r.output
+
+
+@pytest.mark.parametrize("content,expect", [
+    ("path,label,patient_id\n", "empty"),
+    ("path,label,patient_id\na.png,zebra,1\n", "zebra"),
+    ("path,label,patient_id\na.png,nan,1\n", "label"),
+    ("path,label,patient_id\na.png,,1\n", "label"),
+])
+def test_manifest_errors_exit_2(tmp_path, content, expect):
+    m = tmp_path / "m.csv"
+    m.write_text(content)
+    r = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"data.manifest={m}", "-q"])
+    assert r.exit_code == 2 and expect in r.output and "MANIFEST_INVALID" in r.output
