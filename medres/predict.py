@@ -31,6 +31,12 @@ from medres.metrics import predict_labels
 log = logging.getLogger(__name__)
 
 
+# Sidecar files commonly found next to images; skipped when walking folders (files named on the
+# command line are always scored, so a text file named .dcm still becomes an error row).
+SIDECAR_SUFFIXES = {".csv", ".json", ".txt", ".md", ".html", ".htm", ".yaml", ".yml", ".xml", ".log", ".npy", ".npz", ".pdf", ".py"}
+SIDECAR_NAMES = {"DICOMDIR", "Thumbs.db"}
+
+
 @dataclass(frozen=True)
 class InputFile:
     full: str
@@ -47,7 +53,7 @@ def discover(inputs: list[str | Path]) -> list[InputFile]:
             root = p
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(root)
-                if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+                if f.is_file() and not any(part.startswith(".") for part in rel.parts) and f.suffix.lower() not in SIDECAR_SUFFIXES and f.name not in SIDECAR_NAMES:
                     found.append(InputFile(str(f), rel.as_posix()))
         elif p.is_file() and p.suffix.lower() == ".csv" and _is_manifest(p):
             from medres.data.manifest import read_csv

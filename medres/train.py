@@ -213,9 +213,14 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     base = unwrap_model(train_model)
+    freeze_epochs, backbone_mult = cfg.train.freeze_epochs, cfg.train.backbone_lr_mult
+    if source is None and (freeze_epochs or backbone_mult < 1):
+        # Random weights: a linear probe on random features and a damped backbone LR only slow training down.
+        log.warning("model.weights=none: training the whole network from scratch (freeze_epochs 0, backbone_lr_mult 1)")
+        freeze_epochs, backbone_mult = 0, 1.0
     optimizer = torch.optim.AdamW(
         [
-            {"params": base.backbone_parameters(), "lr": cfg.train.lr * cfg.train.backbone_lr_mult, "base_lr": cfg.train.lr * cfg.train.backbone_lr_mult},
+            {"params": base.backbone_parameters(), "lr": cfg.train.lr * backbone_mult, "base_lr": cfg.train.lr * backbone_mult},
             {"params": base.head_parameters(), "lr": cfg.train.lr, "base_lr": cfg.train.lr},
         ],
         weight_decay=cfg.train.weight_decay,
@@ -252,7 +257,7 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
         for epoch in range(start_epoch, cfg.train.epochs):
             torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
             gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
-            frozen = epoch < cfg.train.freeze_epochs
+            frozen = epoch < freeze_epochs
             _set_backbone_trainable(train_model, not frozen)
             train_model.train()
             if frozen:
