@@ -1,0 +1,60 @@
+"""Heatmaps/s: medres's CAM step (batched, gradient only down to layer4) vs MONAI's GradCAM one image
+at a time and batched, same model and images, in one run.
+
+    .venv/bin/python bench/report.py [--size 224] [--n 32] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import machine, save, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    from monai.visualize import GradCAM
+
+    from medres.cam import compute_cam
+    from medres.model import ResNet50
+
+    torch.manual_seed(0)
+    model = ResNet50(3).eval()
+    x = torch.randn(args.n, 3, args.size, args.size)
+    targets = torch.randint(0, 3, (args.n, 1))
+
+    def medres_rate() -> float:
+        compute_cam(model, x[:2], targets[:2])
+        t0 = time.perf_counter()
+        for i in range(0, args.n, args.batch):
+            compute_cam(model, x[i : i + args.batch], targets[i : i + args.batch])
+        return args.n / (time.perf_counter() - t0)
+
+    cam = GradCAM(nn_module=model, target_layers="layer4")
+
+    def monai_rate(batch: int) -> float:
+        cam(x[:1], class_idx=int(targets[0, 0]))
+        t0 = time.perf_counter()
+        for i in range(0, args.n, batch):
+            # MONAI's class_idx is one int per call: a batch shares one target class.
+            cam(x[i : i + batch], class_idx=int(targets[i, 0]))
+        return args.n / (time.perf_counter() - t0)
+
+    m = medres_rate()
+    a = monai_rate(1)
+    b = monai_rate(args.batch)
+    rows = [("MONAI GradCAM, one image at a time", f"{a:.2f}", "1.00"), (f"MONAI GradCAM, batch {args.batch} (one class per batch)", f"{b:.2f}", f"{b / a:.2f}"), (f"medres compute_cam, batch {args.batch} (per-image targets)", f"{m:.2f}", f"{m / a:.2f}")]
+    print(f"\nResNet50 {args.size}px, {args.n} images, layer4; {machine()}\n")
+    print(table(rows, ("method", "heatmaps/s", "ratio to MONAI per-image")))
+    save("report", {"medres": m, "monai_per_image": a, "monai_batched": b, "ratio_per_image": m / a, "ratio_batched": m / b, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
