@@ -48,13 +48,24 @@ def _weights(acts: torch.Tensor, grads: torch.Tensor, method: str) -> torch.Tens
     return (alpha * F.relu(grads)).sum(dim=(2, 3))
 
 
-def compute_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, layer: str = CAM_LAYER, method: str = "gradcam", score: str = "logit") -> CamResult:
+def compute_cam(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    layer: str = CAM_LAYER,
+    method: str = "gradcam",
+    score: str = "logit",
+    autocast_dtype: torch.dtype | None = None,
+) -> CamResult:
     """x: normalised (B, C, H, W); targets: (B, K) class indices (-1 = none). One forward pass,
     one backward pass per target slot.
 
     `score="logit"` differentiates the raw class logit (the original Grad-CAM); `score="log_softmax"`
     differentiates log p(class) = z_c - logsumexp(z), which removes evidence shared by all classes
-    (softmax ignores it) — the class-discriminative choice for multiclass models."""
+    (softmax ignores it) — the class-discriminative choice for multiclass models.
+    `autocast_dtype` (e.g. torch.bfloat16) runs the forward pass under autocast; maps are float32."""
+    from medres.inference import autocast
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
     module = find_layer(model, layer)
@@ -73,7 +84,8 @@ def compute_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, lay
             p.requires_grad_(False)
         model.eval()
         with torch.enable_grad():
-            logits = model(x).float()
+            with autocast(x.device, autocast_dtype):
+                logits = model(x).float()
             acts = store["acts"]
             scores = torch.log_softmax(logits, dim=1) if score == "log_softmax" else logits
             maps = []

@@ -206,7 +206,14 @@ def predict(
     def go():
         bar = Progress(enabled=not quiet)
         with bar.task("predict", total=None) as tick:
-            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=lambda n: [tick() for _ in range(n)])
+            started = time.perf_counter()
+            done = [0]
+
+            def progress(n: int) -> None:
+                done[0] += n
+                tick(advance=n, images_per_s=done[0] / max(time.perf_counter() - started, 1e-9))
+
+            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n))
 
     result = _run(go, weights_exit=3)
     rate = (result.scored + result.failed) / max(result.seconds, 1e-9)

@@ -230,6 +230,7 @@ def predict(
     fail_fast: bool = False,
     flush_every: float = 10.0,
     on_progress=None,
+    on_total=None,
 ) -> PredictResult:
     """Score every input file; see the module docstring. Returns counts; raises only for usage or
     checkpoint problems (nothing scored)."""
@@ -262,6 +263,8 @@ def predict(
     done = {r["path"]: r for r in existing}
     todo = [f for f in files if f.shown not in done]
     result = PredictResult(out=out, total=len(files), skipped_existing=len(files) - len(todo))
+    if on_total:
+        on_total(len(todo))
     rows_by_key: dict[str, dict] = dict(done)
     order = [f.shown for f in files]
     t0 = last_flush = time.perf_counter()

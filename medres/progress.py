@@ -14,7 +14,7 @@ class Progress:
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
         if not self.enabled:
-            yield lambda **_: None
+            yield lambda *_, **__: None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -22,8 +22,10 @@ class Progress:
         with RichProgress(*columns, transient=False) as bar:
             task_id = bar.add_task(description, total=total, info="")
 
-            def tick(**info: float) -> None:
+            def tick(advance: int = 1, total: int | None = None, **info: float) -> None:
+                if total is not None:
+                    bar.update(task_id, total=total)
                 text = "  ".join(f"{k} {v:.3g}" for k, v in info.items())
-                bar.update(task_id, advance=1, info=text)
+                bar.update(task_id, advance=advance, info=text)
 
             yield tick

@@ -121,7 +121,7 @@ def report(
     weight_by_probability: bool = False,
     batch_size: int = 16,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     include_identifiers: bool = False,
     dicom_sc: bool = False,
     faithfulness: bool = False,
@@ -180,7 +180,7 @@ def report(
             targets.append(case.targets)
         k = max(len(t) for t in targets)
         t = torch.tensor([tt + [-1] * (k - len(tt)) for tt in targets])
-        res = compute_cam(predictor.model, predictor.prepare(x).float(), t, layer=layer, method=method)
+        res = compute_cam(predictor.model, predictor.prepare(x), t, layer=layer, method=method, score="log_softmax" if meta.task == "multiclass" else "logit", autocast_dtype=predictor.dtype)
         maps = upsample(res.maps, spec.image_size).numpy()
         for i, case in enumerate(chunk):
             cams = maps[i, : len(case.targets)]

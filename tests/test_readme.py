@@ -103,3 +103,9 @@ def test_demo_command(tmp_path):
     for p in ("eval/report.html", "eval/metrics.json", "report/index.html", "predictions.csv", "run/model.safetensors"):
         assert (tmp_path / p).exists(), p
     assert "test macro AUROC" in r.output
+
+
+def test_embedded_demo_config_matches_file():
+    from medres.demo_config import DEMO_YAML
+
+    assert DEMO_YAML == (ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")

@@ -248,15 +248,21 @@ def window(x: np.ndarray, center: float, width: float, function: str) -> np.ndar
         y = (x - c) / w + np.float32(0.5)
     elif function == "SIGMOID":
         y = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - c) / w, -80, 80)))
-    else:  # LINEAR
-        y = ((x - (c - np.float32(0.5))) / (w - np.float32(1.0))) + np.float32(0.5) if w > 1 else (x >= c).astype(np.float32)
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+    elif w > 1:  # LINEAR: ((x - (c - 0.5)) / (w - 1)) + 0.5, computed in place
+        y = np.subtract(x, c - np.float32(0.5), dtype=np.float32)
+        y *= np.float32(1.0) / (w - np.float32(1.0))
+        y += np.float32(0.5)
+    else:
+        y = (x >= c).astype(np.float32)
+    return np.clip(y, 0.0, 1.0, out=y if y.dtype == np.float32 else None).astype(np.float32, copy=False)
 
 
 def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if not hi > lo:
         raise DegenerateImage(f"intensity range is empty ({lo:g} to {hi:g})")
-    return np.clip((x - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
+    y = np.subtract(x, np.float32(lo), dtype=np.float32)
+    y *= np.float32(1.0 / (hi - lo))
+    return np.clip(y, 0.0, 1.0, out=y)
 
 
 def _percentiles(x: np.ndarray, rec: Record, why: str) -> np.ndarray:

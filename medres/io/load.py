@@ -91,6 +91,8 @@ def load_image(
         rec.step(f"resize: {spec.resize} {native[0]}x{native[1]} → {spec.image_size}x{spec.image_size}")
         if key is not None:
             cache.put(key, pixels, rec)
+        if keep_original and x.dtype == np.uint8:
+            x = x.astype(np.float32) * np.float32(1 / 255)
         return LoadedImage(pixels, rec, original=x if keep_original else None)
     except FileNotFoundError:
         raise FileMissing("file not found", path=shown) from None

@@ -9,6 +9,11 @@ from medres.io.record import Geometry
 
 
 def _resample(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    if x.dtype == np.uint8:  # 8-bit sources: resample in 8 bits, then scale (error ≤ 0.5/255)
+        img = Image.fromarray(x, mode="L")
+        if x.shape != (height, width):
+            img = img.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
     if x.shape == (height, width):
         return x.astype(np.float32, copy=False)
     # PIL's "F" resize widens the filter support by the scale factor: antialiased downsampling.
