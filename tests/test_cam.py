@@ -91,29 +91,25 @@ def test_wrong_layer_lists_valid_names():
         find_layer(ResNet50(2), "layer9")
 
 
-def test_model_randomisation_changes_maps(trained_run, phantoms):
-    """Adebayo et al.'s sanity check: re-initialising the top layers must change the heatmaps."""
-    import pandas as pd
+def test_model_randomisation_changes_maps(pointing_model):
+    """Adebayo et al.'s sanity check: re-initialising the top layers (layer4, fc) of a trained model
+    must change the heatmaps — low rank correlation between the two sets of maps."""
+    import copy
 
-    from medres.inference import normalise
-    from medres.io import PreprocessSpec, load_image
-    from medres.model import load_checkpoint
+    from scipy.stats import spearmanr
 
-    model, meta = load_checkpoint(trained_run / "model.safetensors")
-    paths = pd.read_csv(phantoms)["path"][:12]
-    x = normalise(torch.from_numpy(np.stack([load_image(phantoms.parent / p, PreprocessSpec.from_dict(meta.preprocess)).pixels for p in paths])), meta.mean, meta.std, 3)
+    model, x, _, _ = pointing_model
     t = torch.ones(len(x), 1, dtype=torch.long)
-    trained = compute_cam(model, x, t).maps.flatten(1)
-    rand = __import__("copy").deepcopy(model)
+    trained = compute_cam(model, x, t, layer="layer3").maps.flatten(1)
+    rand = copy.deepcopy(model)
     torch.manual_seed(1)
     for name in ("layer4", "fc"):
         for mod in getattr(rand, name).modules():
             if hasattr(mod, "reset_parameters"):
                 mod.reset_parameters()
-    randomised = compute_cam(rand, x, t).maps.flatten(1)
-    corr = [np.corrcoef(a.numpy(), b.numpy())[0, 1] for a, b in zip(trained, randomised) if a.std() > 0 and b.std() > 0]
-    assert np.nanmean(np.abs(corr)) < 0.5 if corr else True
-    assert not torch.allclose(trained, randomised)
+    randomised = compute_cam(rand, x, t, layer="layer3").maps.flatten(1)
+    rho = [spearmanr(a.numpy(), b.numpy())[0] for a, b in zip(trained, randomised)]
+    assert len(rho) >= 10 and np.nanmean(np.abs(rho)) < 0.5, rho
 
 
 @pytest.mark.slow

@@ -292,3 +292,30 @@ def test_compressed_syntaxes_decode(name):
     except (UnsupportedPhotometric, MultiframeUnsupported):
         return  # colour/multi-frame samples: a correct refusal, the codec itself loaded
     assert np.isfinite(x).all() and x.max() > x.min()
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "nih_dx_chest_mono2.dcm"])
+def test_shared_chest_radiographs_have_dark_lungs(name):
+    """Polarity on real PA chests: the mediastinum/spine strip is brighter than both lung fields."""
+    from conftest import shared
+
+    x = load_image(shared("dicom") / name, PreprocessSpec(224, "stretch")).pixels
+    mid = x[70:150, 100:124].mean()
+    left, right = x[70:150, 40:80].mean(), x[70:150, 144:184].mean()
+    assert mid > left + 0.05 and mid > right + 0.05, (mid, left, right)
+
+
+def test_shared_lossless_and_lossy_j2k_twins_agree():
+    from conftest import shared
+
+    a = load_image(shared("dicom") / "RG3_J2KR.dcm", PreprocessSpec(224)).pixels
+    b = load_image(shared("dicom") / "RG3_J2KI.dcm", PreprocessSpec(224)).pixels
+    assert np.abs(a - b).mean() < 0.02
+
+
+def test_every_shared_dicom_decodes():
+    from conftest import shared
+
+    for p in sorted(shared("dicom").glob("*.dcm")):
+        loaded = load_image(p, PreprocessSpec(64))
+        assert np.isfinite(loaded.pixels).all() and loaded.pixels.max() > loaded.pixels.min(), p.name
