@@ -43,10 +43,7 @@ def score_manifest(model, meta: ModelMeta, manifest: Manifest, *, device: str = 
     items = [(str(manifest.absolute(i)), manifest.frame["path"].iloc[i]) for i in range(len(manifest))]
     decoded = decode_all(items, spec, cache_dir=cache_dir, num_workers=num_workers)
     predictor = Predictor.create(model, meta, device=device, precision=precision)
-    x = torch.from_numpy(decoded.pixels)
-    logits = np.zeros((len(manifest), len(meta.classes)), dtype=np.float32)
-    for i in range(0, len(x), batch_size):
-        logits[i : i + batch_size] = predictor.logits(x[i : i + batch_size])
+    logits = predictor.logits_batched(torch.from_numpy(decoded.pixels), batch_size)
     return Scored(manifest, logits, decoded.ok, decoded.errors)
 
 

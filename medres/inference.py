@@ -89,5 +89,10 @@ class Predictor:
             out = self.model(x)
         return out.float().cpu().numpy()
 
+    def logits_batched(self, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
+        """(N, H, W) → (N, C) logits, `batch_size` images per forward pass."""
+        out = [self.logits(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.meta.classes)), dtype=np.float32)
+
     def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
         return to_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)

@@ -8,7 +8,6 @@ sampling; validation each epoch; atomic best/last checkpoints; exact resume; DDP
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,8 +29,9 @@ from medres.data.splits import assign_splits, audit_leakage, splits_frame
 from medres.data.transforms import AugmentSpec, augment
 from medres.errors import ConfigInvalid, ManifestInvalid, NonFiniteLoss, TrainingError
 from medres.files import atomic_path, atomic_write
-from medres.inference import autocast, normalise, resolve_device, resolve_precision, to_probs
+from medres.inference import Predictor, autocast, normalise, resolve_device, resolve_precision, to_probs
 from medres.io import PreprocessSpec
+from medres.io.cache import file_digest
 from medres.metrics import choose_thresholds, fit_temperature, macro_auroc
 from medres.model import ModelMeta, build_model, load_backbone_weights, load_source_weights, norm_for_channels, save_checkpoint, unwrap_model
 
@@ -114,29 +114,6 @@ def _backbone_bn_eval(model: torch.nn.Module) -> None:
     for name, m in unwrap_model(model).named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
-
-
-@torch.no_grad()
-def predict_logits(model, pixels: torch.Tensor, meta_mean, meta_std, in_channels, device, dtype, batch_size: int) -> np.ndarray:
-    model.eval()
-    out = []
-    for i in range(0, len(pixels), batch_size):
-        x = normalise(pixels[i : i + batch_size].to(device), meta_mean, meta_std, in_channels).contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            out.append(model(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()), "python": json.dumps(random.getstate()[1])}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prepare_data(cfg: Config, out: Path | None, *, progress=None) -> tuple[Manifest, np.ndarray, "object"]:
@@ -235,7 +212,7 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
     meta = ModelMeta(
         classes=list(cfg.data.classes), task=cfg.data.task, preprocess=asdict(preprocess_spec(cfg)), mean=mean, std=std,
         in_channels=cfg.model.in_channels, dropout=cfg.model.dropout, config_sha256=cfg.digest(),
-        manifest_sha256=_sha256_file(Path(cfg.data.manifest)), weights_source=source.origin if source else "none",
+        manifest_sha256=file_digest(Path(cfg.data.manifest)), weights_source=source.origin if source else "none",
     )
 
     start_epoch, best, step, stale = 0, -1.0, 0, 0
@@ -297,7 +274,7 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
             record = {"epoch": epoch + 1, "frozen": frozen, "train_loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen * world / max(train_time, 1e-9)}
             if rank == 0:
                 if len(x_val):
-                    logits_val = predict_logits(base, x_val, mean, std, cfg.model.in_channels, device, dtype, cfg.train.batch_size * 2)
+                    logits_val = Predictor(base.eval(), meta, device, dtype, cfg.train.channels_last).logits_batched(x_val, cfg.train.batch_size * 2)
                     probs = to_probs(logits_val, cfg.data.task)
                     record["val_loss"] = float(loss_fn(torch.from_numpy(logits_val).to(device), torch.from_numpy(y_val).to(device)))
                     record["val_macro_auroc"] = macro_auroc(y_val, probs)
@@ -339,7 +316,7 @@ def calibrate_run(out: Path, x_val: torch.Tensor, y_val: np.ndarray, cfg: Config
     from medres.model import load_checkpoint
 
     model, meta = load_checkpoint(out / BEST, device)
-    logits = predict_logits(model, x_val, meta.mean, meta.std, meta.in_channels, device, dtype, cfg.train.batch_size * 2)
+    logits = Predictor(model.to(memory_format=torch.channels_last), meta, device, dtype).logits_batched(x_val, cfg.train.batch_size * 2)
     meta.temperature = fit_temperature(logits, y_val, meta.task)
     probs = to_probs(logits, meta.task, meta.temperature)
     meta.thresholds, meta.threshold_method = choose_thresholds(y_val, probs, target_sensitivity=cfg.eval.target_sensitivity)

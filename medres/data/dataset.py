@@ -35,7 +35,7 @@ def _decode_one(args: tuple[str, str, PreprocessSpec, str | None]) -> tuple[np.n
     except OSError:
         digest = ""
     try:
-        loaded = load_image(full, spec, display_path=shown, cache=ImageCache(cache_dir) if cache_dir else None)
+        loaded = load_image(full, spec, display_path=shown, cache=ImageCache(cache_dir) if cache_dir else None, content_digest=digest or None)
         return loaded.pixels, digest, None, ""
     except IngestError as err:
         return None, digest, err.code, err.one_line()

@@ -63,10 +63,12 @@ def load_image(
     cache: ImageCache | None = None,
     keep_original: bool = False,
     frame: int | None = None,
+    content_digest: str | None = None,
 ) -> LoadedImage:
     """Load any supported file → `LoadedImage` (model input + record).
 
     `display_path` is what messages and records call the file (relative to the input root).
+    `content_digest` (the file's sha256, when the caller already has it) saves hashing it again.
     Raises an `IngestError` subclass with a stable code; nothing else escapes for bad content.
     """
     spec = spec or PreprocessSpec()
@@ -75,7 +77,7 @@ def load_image(
     key = None
     try:
         if cache is not None and not keep_original and frame is None:
-            key = ImageCache.key(file_digest(path), spec.digest())
+            key = ImageCache.key(content_digest or file_digest(path), spec.digest())
             hit = cache.get(key)
             if hit is not None:
                 arr, d = hit
@@ -85,7 +87,7 @@ def load_image(
                 return LoadedImage(arr, rec)
         rec = Record(path=shown)
         x = decode_file(path, spec, rec, frame=frame)
-        native = _native_size(x, rec)
+        native = tuple(rec.native_size) if rec.native_size else x.shape
         pixels, geometry = resize_to_square(x, spec.image_size, spec.resize, original_hw=native)
         rec.geometry = geometry
         rec.step(f"resize: {spec.resize} {native[0]}x{native[1]} → {spec.image_size}x{spec.image_size}")
@@ -100,15 +102,3 @@ def load_image(
         raise err.with_path(shown)
     except MemoryError:
         raise NotAnImage("not enough memory to decode", path=shown) from None
-
-
-def _native_size(x: np.ndarray, rec: Record) -> tuple[int, int]:
-    """Full-resolution size when the decoder downscaled (JPEG DCT scaling): from the record's step."""
-    for step in rec.steps:
-        if "scale (DCT scaling) from " in step:
-            h, w = step.rsplit("from ", 1)[1].split("x")
-            # EXIF rotation by 90°/270° swaps the axes of the decoded image.
-            if (x.shape[0] > x.shape[1]) != (int(h) > int(w)) and x.shape[0] != x.shape[1]:
-                h, w = w, h
-            return int(h), int(w)
-    return x.shape[0], x.shape[1]

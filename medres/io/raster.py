@@ -60,6 +60,8 @@ def load_raster(path: Path, rec: Record, *, max_megapixels: float, target_size: 
             raise DecodeFailed(f"{fmt} could not be decoded ({type(exc).__name__})") from None
         if draft_scale > 1:
             rec.step(f"{fmt} decoded at 1/{draft_scale} scale (DCT scaling) from {full[0]}x{full[1]}")
+            # EXIF orientations 5-8 transpose the image: the native size swaps with it.
+            rec.native_size = [full[1], full[0]] if exif_orientation in (5, 6, 7, 8) else [full[0], full[1]]
         if exif_orientation not in (None, 1):
             rec.step(f"EXIF orientation {exif_orientation} applied")
         x = _to_grey(oriented, rec)

@@ -83,6 +83,7 @@ class Record:
     steps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     geometry: Geometry | None = None
+    native_size: list[int] | None = None  # (H, W) of the file when the decoder returned it downscaled
     cached: bool = False
 
     def step(self, text: str) -> None:
