@@ -25,7 +25,8 @@ from medres.metrics import brier, choose_thresholds, ece, fit_temperature, point
 from medres.model import ModelMeta, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
-# Subgroup AUROC gaps smaller than this are not flagged even when outside the CI (perfect-score CIs are degenerate).
+# Subgroup AUROC gaps smaller than this are not flagged even when outside the CI; zero-width CIs (a perfectly
+# separated small subgroup: every resample scores 1.0) say nothing about uncertainty and are not used either.
 MIN_AUROC_GAP = 0.05
 CI_KEYS = ("auroc", "average_precision", "sensitivity", "specificity", "ppv", "npv", "f1")
 
@@ -116,7 +117,7 @@ def subgroup_audit(y, p, logits, frame: pd.DataFrame, column: str, classes, task
         for c in classes:
             ci = m["per_class"][c]["auroc_ci"]
             other = rest["per_class"][c]["auroc"]
-            if ci and not any(math.isnan(b) for b in ci) and not math.isnan(other) and not ci[0] <= other <= ci[1] and abs(m['per_class'][c]['auroc'] - other) >= MIN_AUROC_GAP:
+            if ci and not any(math.isnan(b) for b in ci) and not math.isnan(other) and not ci[0] <= other <= ci[1] and abs(m['per_class'][c]['auroc'] - other) >= MIN_AUROC_GAP and ci[1] - ci[0] > 1e-9:
                 warns.append(f"{column}={v}: {c} AUROC {m['per_class'][c]['auroc']:.3f} (95% CI {ci[0]:.3f}–{ci[1]:.3f}) differs from the rest ({other:.3f})")
         for c in classes:
             if m["per_class"][c]["positives"] == 0 and overall["per_class"][c]["positives"] > 0:

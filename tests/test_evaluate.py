@@ -56,3 +56,21 @@ def test_column_predictability_detects_shortcut():
     logits[:50, 0] += 3
     assert column_predictability(logits, values, np.arange(100).astype(str)) > 0.9
     assert column_predictability(rng.normal(0, 1, (100, 3)), values, np.arange(100).astype(str)) < 0.75
+
+
+def test_subgroup_differs_warning_on_toy_arrays():
+    from medres.evaluate import subgroup_audit
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = np.zeros((n, 2))
+    y[np.arange(n), rng.integers(0, 2, n)] = 1
+    p = np.where(y > 0, 0.9, 0.1)  # group B: perfect
+    a = np.arange(n) < 100
+    p[a] = rng.random((100, 2))  # group A: chance
+    p = p / p.sum(1, keepdims=True)
+    frame = pd.DataFrame({"patient_id": [f"p{i}" for i in range(n)], "site": np.where(a, "A", "B")})
+    table, warns = subgroup_audit(y, p, np.log(p), frame, "site", ["x", "z"], "multiclass", [0.5, 0.5], 200, 0)
+    assert table["groups"]["A"]["images"] == 100 and table["groups"]["A"]["patients"] == 100
+    assert any(w.startswith("site=A: x AUROC") and "differs from the rest" in w for w in warns)
+    assert not any(w.startswith("site=B") and "differs" in w for w in warns)  # perfect group: zero-width CI is not used
