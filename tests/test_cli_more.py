@@ -1,0 +1,78 @@
+"""CLI paths not covered elsewhere: inspect --out, calibrate, predict --fail-fast, report --class /
+--normalize per-image, export, the balanced sampler."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import gradient, make_dicom
+from medres.cli import app
+from medres.model import load_checkpoint
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_inspect_writes_npy_and_json(tmp_path):
+    p = make_dicom(tmp_path / "scan.dcm", gradient(40, 30), photometric="MONOCHROME1", WindowCenter=2000, WindowWidth=4000, identifiers=True)
+    (tmp_path / "bad.dcm").write_text("nope")
+    r = runner.invoke(app, ["inspect", str(p), str(tmp_path / "bad.dcm"), "--out", str(tmp_path / "out"), "--size", "32"])
+    assert r.exit_code == 1  # one file failed
+    assert "MONOCHROME1: inverted after VOI" in r.output and "transfer_syntax=Explicit VR Little Endian" in r.output
+    assert "NOT_AN_IMAGE" in r.output and "Doe" not in r.output
+    arr = np.load(tmp_path / "out" / "scan.npy")
+    rec = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert arr.shape == (32, 32) and arr.dtype == np.float32
+    assert rec["photometric"] == "MONOCHROME1" and rec["geometry"]["original_height"] == 40
+
+
+def test_calibrate_with_target_sensitivity(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    r = runner.invoke(app, ["calibrate", "--run", str(run), "--target-sensitivity", "0.95"])
+    assert r.exit_code == 0, r.output
+    _, meta = load_checkpoint(run / "model.safetensors")
+    assert meta.threshold_method == "sensitivity>=0.95" and len(meta.thresholds) == 3
+
+
+def test_predict_fail_fast(trained_run, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a_bad.png").write_text("x")
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32), dtype=np.uint8)).save(d / f"b{i}.png")
+    r = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "model.safetensors"), str(d), "--out", str(tmp_path / "o.csv"), "--fail-fast", "--workers", "0", "-q"])
+    assert r.exit_code == 1
+    assert len(pd.read_csv(tmp_path / "o.csv")) == 1  # stopped at the first (bad) file
+
+
+def test_report_class_and_per_image(trained_run, phantoms, tmp_path):
+    imgs = sorted((phantoms.parent / "images").glob("*.png"))[:2]
+    r = runner.invoke(app, ["report", "--checkpoint", str(trained_run / "model.safetensors"), *map(str, imgs), "--out", str(tmp_path / "r"), "--class", "opacity", "--normalize", "per-image", "--method", "gradcam++"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "r" / "cases").glob("*_cam_1.png"))) == 2  # class index 1 = opacity for every case
+    assert (tmp_path / "r" / "colorbar_1.png").exists()
+
+
+def test_export_cli(trained_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    r = runner.invoke(app, ["export", "--checkpoint", str(trained_run / "model.safetensors"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0 and "parity" in r.output
+    r = runner.invoke(app, ["export", "--checkpoint", str(trained_run / "model.safetensors"), "--format", "tflite", "--out", str(tmp_path / "m.x")])
+    assert r.exit_code == 2
+
+
+def test_balanced_sampler_and_label_smoothing(phantoms, tmp_path):
+    from medres.config import load_config
+    from medres.train import fit
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.manifest={phantoms}", "data.image_size=32", "train.epochs=1", "train.balance=sampler", "train.label_smoothing=0.1", "train.calibrate=false"])
+    s = fit(cfg, tmp_path, show_progress=False)
+    assert np.isfinite(s["epochs"][0]["train_loss"])
