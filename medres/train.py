@@ -28,7 +28,7 @@ from medres.data.manifest import Manifest, load_manifest
 from medres.data.splits import assign_splits, audit_leakage, splits_frame
 from medres.data.transforms import AugmentSpec, augment
 from medres.errors import ConfigInvalid, ManifestInvalid, NonFiniteLoss, TrainingError
-from medres.files import atomic_path, atomic_write
+from medres.files import atomic_path, atomic_write, csv_text
 from medres.inference import Predictor, autocast, normalise, resolve_device, resolve_precision, to_probs
 from medres.io import PreprocessSpec
 from medres.io.cache import file_digest
@@ -156,10 +156,8 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
     bar = Progress(enabled=show_progress and rank == 0)
     with bar.task("decode", total=None) as tick:
         manifest, splits, decoded = prepare_data(cfg, out, progress=tick)
-    for row, code, message in decoded.errors:
-        log.warning("skipped %s", message)
-    if decoded.errors and rank == 0:
-        atomic_write(out / "skipped.csv", "row,code,message\n" + "".join(f"{r},{c},\"{m.replace(chr(34), chr(39))}\"\n" for r, c, m in decoded.errors))
+    if decoded.errors and rank == 0:  # each was logged as it happened; the list stays with the run
+        atomic_write(out / "skipped.csv", csv_text(["row", "code", "message"], [list(e) for e in decoded.errors]))
     train_mask = (splits == "train") & decoded.ok
     val_mask = (splits == "val") & decoded.ok
     if train_mask.sum() == 0:

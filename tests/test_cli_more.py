@@ -76,3 +76,18 @@ def test_balanced_sampler_and_label_smoothing(phantoms, tmp_path):
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.manifest={phantoms}", "data.image_size=32", "train.epochs=1", "train.balance=sampler", "train.label_smoothing=0.1", "train.calibrate=false"])
     s = fit(cfg, tmp_path, show_progress=False)
     assert np.isfinite(s["epochs"][0]["train_loss"])
+
+
+def test_training_skips_bad_files_and_lists_them(phantoms, tmp_path):
+    from medres.config import load_config
+    from medres.train import fit
+
+    df = pd.read_csv(phantoms)
+    (phantoms.parent / "broken.png").write_text("not an image")
+    bad = pd.DataFrame([{"path": "broken.png", "label": "normal", "patient_id": "PBAD", "site": "A", "mask": ""}])
+    m = phantoms.parent / "with_bad.csv"
+    pd.concat([df, bad]).to_csv(m, index=False)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.manifest={m}", "data.image_size=32", "train.epochs=1", "train.calibrate=false"])
+    fit(cfg, tmp_path, show_progress=False)
+    skipped = pd.read_csv(tmp_path / "skipped.csv")
+    assert list(skipped["code"]) == ["NOT_AN_IMAGE"] and "broken.png" in skipped["message"][0]
