@@ -58,11 +58,10 @@ class Geometry:
         gy = (np.arange(h, dtype=np.float32) + 0.5) * self.scale_y + self.offset_y - 0.5
         gx = (np.arange(w, dtype=np.float32) + 0.5) * self.scale_x + self.offset_x - 0.5
         yy, xx = np.meshgrid(gy, gx, indexing="ij")
-        out = map_coordinates(heat.astype(np.float32), [yy, xx], order=1, mode="constant", cval=np.nan)
-        # Pixels whose model position falls outside the model canvas were never seen by the model.
+        # mode="nearest" holds the edge value for the half pixel at the canvas border; beyond it the
+        # original was never seen by the model (letterbox padding excluded, crop cut-offs): NaN.
+        out = map_coordinates(heat.astype(np.float32), [yy, xx], order=1, mode="nearest")
         seen = (yy >= -0.5) & (yy <= heat.shape[0] - 0.5) & (xx >= -0.5) & (xx <= heat.shape[1] - 0.5)
-        edge = map_coordinates(heat.astype(np.float32), [np.clip(yy, 0, heat.shape[0] - 1), np.clip(xx, 0, heat.shape[1] - 1)], order=1)
-        out = np.where(np.isnan(out) & seen, edge, out)
         return np.where(seen, out, np.nan).astype(np.float32)
 
 
