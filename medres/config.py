@@ -164,8 +164,9 @@ def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config, apply `--set` overrides, validate, resolve relative paths.
 
-    Relative data paths are resolved against the current directory when they exist there,
-    else against the config file's folder (so a config works from the repo root and from its folder).
+    Relative input paths (data.manifest, data.root, model.weights) are resolved against the current
+    directory when they exist there, else against the config file's folder (so a config works from the
+    repo root and from its folder). data.cache_dir, an output, stays relative to the current directory.
     """
     tree: dict = {}
     source = "<defaults>"
@@ -189,11 +190,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(tree, key, value, f"--set {key}")
     cfg = config_from_dict(tree, source + (" + --set" if overrides else ""))
-    for field in ("manifest", "root", "cache_dir"):
+    for field in ("manifest", "root"):  # inputs; cache_dir is an output and stays relative to the current directory
         value = getattr(cfg.data, field)
         if value is not None and not value.is_absolute() and not value.exists() and base is not None:
             candidate = base / value
-            if candidate.exists() or field == "cache_dir":
+            if candidate.exists():
                 setattr(cfg.data, field, candidate)
     w = cfg.model.weights
     if w not in ("imagenet", "none") and not Path(w).is_absolute() and not Path(w).exists() and base is not None:

@@ -72,3 +72,12 @@ def test_reference_covers_required_keys():
     keys = {row[0] for row in config_reference()}
     required = "name data.manifest data.root data.classes data.task data.image_size data.resize data.val_fraction data.test_fraction data.group_by data.cache_dir model.weights model.in_channels train.epochs train.batch_size train.lr train.freeze_epochs train.precision train.seed train.device train.num_workers".split()
     assert set(required) <= keys
+
+
+def test_cache_dir_is_relative_to_cwd_not_config_folder(tmp_path, monkeypatch):
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "c.yaml").write_text("data:\n  cache_dir: .cache/medres\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_dir / "c.yaml")
+    assert cfg.data.cache_dir == Path(".cache/medres")
