@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/report.py
+	$(BIN)/python bench/pointing.py
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

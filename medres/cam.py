@@ -37,6 +37,21 @@ class CamResult:
     logits: torch.Tensor  # (B, C)
 
 
+SCORES = ("logit", "log_odds", "log_softmax")
+
+
+def _score(logits: torch.Tensor, t: torch.Tensor, score: str) -> torch.Tensor:
+    """The scalar per image whose gradient drives the map, for class t of each row."""
+    z = logits.gather(1, t.view(-1, 1)).squeeze(1)
+    if score == "logit":
+        return z
+    if score == "log_softmax":
+        return z - torch.logsumexp(logits, dim=1)
+    # log-odds of class t against all others: log p_t / (1 - p_t) = z_t - logsumexp_{k != t} z_k
+    others = logits.masked_fill(F.one_hot(t, logits.shape[1]).bool(), float("-inf"))
+    return z - torch.logsumexp(others, dim=1)
+
+
 def _weights(acts: torch.Tensor, grads: torch.Tensor, method: str) -> torch.Tensor:
     if method == "gradcam":
         return grads.mean(dim=(2, 3))  # (B, C')
@@ -61,13 +76,18 @@ def compute_cam(
     """x: normalised (B, C, H, W); targets: (B, K) class indices (-1 = none). One forward pass,
     one backward pass per target slot.
 
-    `score="logit"` differentiates the raw class logit (the original Grad-CAM); `score="log_softmax"`
-    differentiates log p(class) = z_c - logsumexp(z), which removes evidence shared by all classes
-    (softmax ignores it) — the class-discriminative choice for multiclass models.
+    `score` is what is differentiated: "logit" the raw class logit z_c (the original Grad-CAM; for a
+    sigmoid output it is the class log-odds); "log_odds" log p_c/(1 - p_c) = z_c - logsumexp_{k≠c} z_k,
+    the choice for softmax models: evidence shared by all classes cancels (softmax ignores it) and,
+    unlike "log_softmax" (log p_c, whose gradient is scaled by 1 - p_c), it does not vanish for
+    confident predictions — with log p_c a case predicted at 0.999 gets a map ~1000× colder than one
+    at 0.5, the opposite of what a shared scale should show.
     `autocast_dtype` (e.g. torch.bfloat16) runs the forward pass under autocast; maps are float32."""
     from medres.inference import autocast
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
+    if score not in SCORES:
+        raise ValueError(f"unknown CAM score {score!r}; choose from {', '.join(SCORES)}")
     module = find_layer(model, layer)
     store: dict[str, torch.Tensor] = {}
 
@@ -87,12 +107,11 @@ def compute_cam(
             with autocast(x.device, autocast_dtype):
                 logits = model(x).float()
             acts = store["acts"]
-            scores = torch.log_softmax(logits, dim=1) if score == "log_softmax" else logits
             maps = []
             for k in range(targets.shape[1]):
                 t = targets[:, k]
                 used = t >= 0
-                chosen = scores.gather(1, t.clamp(min=0).view(-1, 1)).squeeze(1)
+                chosen = _score(logits, t.clamp(min=0), score)
                 total = (chosen * used.to(chosen.dtype)).sum()
                 if acts.grad is not None:
                     acts.grad = None
@@ -109,6 +128,53 @@ def compute_cam(
         model.train(was_training)
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, K, h, w) → (B, K, size, size), bilinear."""
-    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+def upsample(maps: torch.Tensor, size: int, *, anchor: float | None = 0.0) -> torch.Tensor:
+    """(B, K, h, w) → (B, K, size, size), bilinear, aligned with the receptive fields.
+
+    In a ResNet every downsampling step is an odd kernel with symmetric padding (7×7/2 + 3, 3×3/2 + 1,
+    1×1/2 + 0), so cell n of a stride-S map is centred on input pixel S·n (checked by back-propagating
+    from single cells in tests/test_cam.py). The usual "resize the map to the image" (OpenCV's resize,
+    `F.interpolate(align_corners=False)`, as in pytorch-grad-cam and MONAI) puts cell n at S·n + S/2 - ½
+    instead: half a cell down and right, 15.5 px at layer4 — the size of a small lesion. `anchor` is the
+    pixel on which cell 0 is centred (0 for ResNets); `anchor=None` gives the conventional resize."""
+    if anchor is None:
+        return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    b, k, h, w = maps.shape
+    pix = torch.arange(size, dtype=torch.float32, device=maps.device)
+
+    def axis(n: int) -> torch.Tensor:  # feature coordinate of each pixel, as grid_sample's [-1, 1]
+        if n == 1:
+            return torch.zeros(size, device=maps.device)
+        return (pix - anchor) / (size / n) / (n - 1) * 2 - 1
+
+    gy, gx = torch.meshgrid(axis(h), axis(w), indexing="ij")
+    grid = torch.stack((gx, gy), dim=-1).unsqueeze(0).expand(b, -1, -1, -1).to(maps.dtype)
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def pointing_game(heat, masks, tolerance: float = 0.0) -> float:
+    """Fraction of heatmaps whose peak lies within `tolerance` pixels of their lesion mask (0: on
+    the mask) — the pointing game of Zhang et al. (2016). heat: (N, H, W); masks: N bool (H, W)."""
+    import numpy as np
+
+    hits = 0
+    for h, m in zip(heat, masks):
+        y, x = np.unravel_index(np.argmax(np.asarray(h)), m.shape)
+        ys, xs = np.nonzero(m)
+        hits += bool(len(ys)) and np.sqrt((ys - y) ** 2 + (xs - x) ** 2).min() <= tolerance
+    return hits / max(len(masks), 1)
+
+
+def randomised_copy(model: nn.Module, layers: tuple[str, ...] = ("layer4", "fc"), seed: int = 1) -> nn.Module:
+    """A copy of `model` with `layers` re-initialised — the model-randomisation sanity check of
+    Adebayo et al. (2018): maps that survive it do not depend on what those layers learned."""
+    import copy
+
+    rand = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in layers:
+            for mod in find_layer(rand, name).modules():
+                if hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
+    return rand

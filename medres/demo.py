@@ -53,8 +53,12 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
     test.to_csv(test_manifest, index=False)
     print("[4/5] batch scoring the test split")
     pred = predict(run / "model.safetensors", [test_manifest], out / "predictions.csv", overwrite=True, workers=1)
-    print("[5/5] Grad-CAM report")
-    report(run / "model.safetensors", [test_manifest], out / "report")
+    # At 128 px layer4's maps are 4×4 cells of 32 px — coarser than the phantoms' lesions; layer3's
+    # are 8×8 (docs/benchmarks.md, pointing game). At 224 px and above the default layer4 is 7×7+.
+    layer = "layer3" if cfg.data.image_size < 224 else "layer4"
+    cells = cfg.data.image_size // (16 if layer == "layer3" else 32)
+    print(f"[5/5] Grad-CAM report on {layer} ({cells}×{cells} maps at {cfg.data.image_size} px)")
+    report(run / "model.safetensors", [test_manifest], out / "report", layer=layer)
     return {
         "auroc": result["macro"]["auroc"],
         "auroc_ci": result["macro"].get("auroc_ci") or [float("nan")] * 2,

@@ -41,8 +41,11 @@ def write_plots(out: Path, y: np.ndarray, p_raw: np.ndarray, p_cal: np.ndarray, 
     ax_roc.plot([0, 1], [0, 1], ":", color="grey")
     ax_roc.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (dot: operating point)")
     ax_pr.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall (dot: operating point)")
-    ax_roc.legend(loc="lower right")
-    ax_pr.legend(loc="lower left")
+    for ax, where in ((ax_roc, "lower right"), (ax_pr, "lower left")):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc=where)
+        else:  # no class has both positives and negatives here: say so instead of an empty legend
+            ax.text(0.5, 0.5, "no class with both positive and negative cases", ha="center", va="center", transform=ax.transAxes)
     _save(fig_roc, out / "roc.png")
     _save(fig_pr, out / "pr.png")
     names += ["roc.png", "pr.png"]

@@ -180,7 +180,7 @@ def report(
             targets.append(case.targets)
         k = max(len(t) for t in targets)
         t = torch.tensor([tt + [-1] * (k - len(tt)) for tt in targets])
-        res = compute_cam(predictor.model, predictor.prepare(x), t, layer=layer, method=method, score="log_softmax" if meta.task == "multiclass" else "logit", autocast_dtype=predictor.dtype)
+        res = compute_cam(predictor.model, predictor.prepare(x), t, layer=layer, method=method, score="log_odds" if meta.task == "multiclass" else "logit", autocast_dtype=predictor.dtype)
         maps = upsample(res.maps, spec.image_size).numpy()
         for i, case in enumerate(chunk):
             cams = maps[i, : len(case.targets)]

@@ -53,34 +53,18 @@ def _reset_medres_logging():
 
 @pytest.fixture(scope="session")
 def pointing_model(tmp_path_factory):
-    """A ResNet50 trained on normal-vs-opacity phantoms at 128 px, with the test images' lesion
-    masks in model space: (model, normalised test batch of positives, masks, CAM layer)."""
-    import numpy as np
-    import pandas as pd
-    import torch
-    from PIL import Image
-
+    """A ResNet50 trained from scratch on 500 normal-vs-opacity phantoms at 128 px (≈1.5 min on 2
+    cores; validation AUROC ≈ 1.0), with the held-out positives and their lesion masks in model
+    space: (model, normalised batch, masks). The same recipe as bench/pointing.py."""
     from medres.config import load_config
-    from medres.data.synthetic import make_dataset
-    from medres.inference import normalise
-    from medres.io import PreprocessSpec, load_image
-    from medres.io.resize import resize_to_square
+    from medres.data.synthetic import held_out_lesions, make_dataset
     from medres.model import load_checkpoint
     from medres.train import fit
 
     folder = tmp_path_factory.mktemp("pointing")
-    manifest = make_dataset(folder / "data", n_per_class=90, size=128, classes=("normal", "opacity"), seed=5, dicom_fraction=0.1)
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.manifest={manifest}", "data.classes=[normal,opacity]", "train.epochs=10", "train.calibrate=false", "train.seed=1"])
+    manifest = make_dataset(folder / "data", n_per_class=250, size=128, classes=("normal", "opacity"), seed=5, dicom_fraction=0.1)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.manifest={manifest}", "data.classes=[normal,opacity]", "train.epochs=8", "train.calibrate=false", "train.seed=1"])
     fit(cfg, folder / "run", show_progress=False)
-    model, meta = load_checkpoint(folder / "run" / "model.safetensors")
-    splits = pd.read_csv(folder / "run" / "splits.csv")
-    df = pd.read_csv(manifest).merge(splits[["path", "split"]], on="path")
-    pos = df[(df["label"] == "opacity") & (df["split"] != "train")]
-    spec = PreprocessSpec.from_dict(meta.preprocess)
-    xs, masks = [], []
-    for _, row in pos.iterrows():
-        xs.append(load_image(manifest.parent / row["path"], spec).pixels)
-        mask = np.asarray(Image.open(manifest.parent / row["mask"]), dtype=np.float32) / 255
-        masks.append(resize_to_square(mask, spec.image_size, spec.resize)[0] > 0.5)
-    x = normalise(torch.from_numpy(np.stack(xs)), meta.mean, meta.std, meta.in_channels)
-    return model, x, masks, "layer4"
+    model, _ = load_checkpoint(folder / "run" / "model.safetensors")
+    x, masks = held_out_lesions(manifest, folder / "run")
+    return model, x, masks

@@ -4,7 +4,7 @@ A phantom has a body outline, two lung fields (dark), a mediastinum and heart (b
 image's centre line as seen by the viewer's right — i.e. the patient's left), ribs and noise.
 Positive classes add round opacities (bright blobs) inside the lungs; their masks are saved.
 Each class has its own lesion pattern so that the task is learnable from pixels alone:
-`opacity` (one dense focal lesion) and `diffuse` (several faint patches), plus `normal`.
+`opacity` (one dense consolidation, 11–17% of the width in radius, clipped to the lung) and `diffuse` (several faint patches), plus `normal`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def phantom(rng: np.random.Generator, size: int, label: str, *, height: int | No
     ys, xs = np.nonzero(lung_any)
     if label == "opacity":
         i = rng.integers(len(ys))
-        r = size * rng.uniform(0.06, 0.09)
+        r = size * rng.uniform(0.11, 0.17)
         m = _ellipse(h, w, ys[i], xs[i], r, r) & lung_any
         img[m] += 0.45
         mask |= m
@@ -130,3 +130,28 @@ def make_dataset(
     pd.DataFrame(rows).to_csv(manifest, index=False)
     (out / "phantoms.json").write_text(json.dumps({"classes": list(classes), "size": size, "seed": seed, "n_per_class": n_per_class}))
     return manifest
+
+
+def held_out_lesions(manifest: str | Path, run: str | Path, label: str = "opacity"):
+    """Positive phantoms of `label` outside the training split of `run`, ready for the model, with
+    their lesion masks resized exactly like the images: (normalised batch, list of bool masks).
+    This is the ground truth for the pointing game (tests/test_cam.py, bench/pointing.py)."""
+    import torch
+
+    from medres.inference import normalise
+    from medres.io import PreprocessSpec, load_image
+    from medres.io.resize import resize_to_square
+    from medres.model import load_checkpoint
+
+    manifest, run = Path(manifest), Path(run)
+    _, meta = load_checkpoint(run / "model.safetensors")
+    splits = pd.read_csv(run / "splits.csv")
+    df = pd.read_csv(manifest).merge(splits[["path", "split"]], on="path")
+    pos = df[(df["label"] == label) & (df["split"] != "train")]
+    spec = PreprocessSpec.from_dict(meta.preprocess)
+    xs, masks = [], []
+    for row in pos.itertuples():
+        xs.append(load_image(manifest.parent / row.path, spec).pixels)
+        mask = np.asarray(Image.open(manifest.parent / row.mask), dtype=np.float32) / 255
+        masks.append(resize_to_square(mask, spec.image_size, spec.resize)[0] > 0.5)
+    return normalise(torch.from_numpy(np.stack(xs)), meta.mean, meta.std, meta.in_channels), masks
