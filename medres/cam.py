@@ -145,7 +145,12 @@ def upsample(maps: torch.Tensor, size: int, *, anchor: float | None = 0.0) -> to
     def axis(n: int) -> torch.Tensor:  # feature coordinate of each pixel, as grid_sample's [-1, 1]
         if n == 1:
             return torch.zeros(size, device=maps.device)
-        return (pix - anchor) / (size / n) / (n - 1) * 2 - 1
+        # The stride is a power of two and each stride-2 step rounds up (n = ceil(size / S)), so a
+        # 200 px input gives 7 layer4 cells with S = 32, not 200 / 7.
+        stride = 1
+        while -(-size // stride) > n:
+            stride *= 2
+        return (pix - anchor) / stride / (n - 1) * 2 - 1
 
     gy, gx = torch.meshgrid(axis(h), axis(w), indexing="ij")
     grid = torch.stack((gx, gy), dim=-1).unsqueeze(0).expand(b, -1, -1, -1).to(maps.dtype)

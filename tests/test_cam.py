@@ -175,7 +175,8 @@ def test_pointing_game(pointing_model, layer, cells):
     assert hit >= 0.5 and hit >= 2 * chance, (hit, chance)
 
 
-def test_upsample_puts_each_cell_on_its_receptive_field_centre():
+@pytest.mark.parametrize("size", [256, 200])
+def test_upsample_puts_each_cell_on_its_receptive_field_centre(size):
     """Back-propagate from single layer3/layer4 cells of a ResNet50 to the input: the centroid of the
     input gradient (the cell's effective receptive field) is where `upsample` puts that cell's peak.
     The conventional resize (anchor=None) misses by S/2 - ½ pixels (15.5 at layer4)."""
@@ -187,7 +188,6 @@ def test_upsample_puts_each_cell_on_its_receptive_field_centre():
     for m in model.modules():  # zero-initialised residual branches would hide the 3×3 convs
         if isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
-    size = 256
     x = torch.ones(1, 3, size, size, requires_grad=True)
     feats = {}
     hooks = [getattr(model, n).register_forward_hook(lambda _m, _i, o, n=n: feats.__setitem__(n, o)) for n in ("layer3", "layer4")]
@@ -197,9 +197,11 @@ def test_upsample_puts_each_cell_on_its_receptive_field_centre():
         for h in hooks:
             h.remove()
     yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
-    for name, cells in (("layer3", [(7, 8), (9, 6)]), ("layer4", [(3, 4), (4, 3)])):
+    # Cells away from the border: there zero padding truncates the receptive field and pulls the
+    # centroid inwards for any upsampling.
+    for name, cells in (("layer3", [(6, 7), (8, 5)]), ("layer4", [(3, 4), (4, 3)] if size == 256 else [(3, 3), (2, 3)])):
         a = feats[name]
-        stride = size // a.shape[-1]
+        stride = 32 if name == "layer4" else 16  # 200 px: 7 layer4 cells, still 32 px apart
         for i, j in cells:
             g, = torch.autograd.grad(a[0, :, i, j].sum(), x, retain_graph=True)
             w = g.abs().sum(1)[0]
@@ -210,4 +212,5 @@ def test_upsample_puts_each_cell_on_its_receptive_field_centre():
             peak = np.array(np.unravel_index(upsample(one, size)[0, 0].argmax().item(), (size, size)))
             naive = np.array(np.unravel_index(upsample(one, size, anchor=None)[0, 0].argmax().item(), (size, size)))
             assert np.abs(peak - centre).max() <= stride / 4, (name, (i, j), peak, centre)
-            assert np.abs(naive - centre).max() >= stride / 2 - 4, (name, naive, centre)  # what the fix is for
+            if size % 32 == 0:  # what the fix is for (at other sizes the resize's error varies by cell)
+                assert np.abs(naive - centre).max() >= stride / 2 - 4, (name, naive, centre)
