@@ -150,6 +150,7 @@ def report(
 
     # Pass 1: decode, score and compute raw CAMs in batches (model space, small).
     todo = [c for c in cases if c.status == "ok"]
+    cells: tuple[int, int] | None = None
     for start in range(0, len(todo), batch_size):
         chunk, pix = [], []
         for case in todo[start : start + batch_size]:
@@ -182,6 +183,7 @@ def report(
         t = torch.tensor([tt + [-1] * (k - len(tt)) for tt in targets])
         res = compute_cam(predictor.model, predictor.prepare(x), t, layer=layer, method=method, score="log_odds" if meta.task == "multiclass" else "logit", autocast_dtype=predictor.dtype)
         maps = upsample(res.maps, spec.image_size).numpy()
+        cells = cells or (int(res.maps.shape[-2]), int(res.maps.shape[-1]))
         for i, case in enumerate(chunk):
             cams = maps[i, : len(case.targets)]
             if weight_by_probability:
@@ -189,6 +191,11 @@ def report(
             case.cams = cams.astype(np.float32)
             if faithfulness:
                 case.deletion_auc, case.insertion_auc = _faithfulness(predictor, pix[i], cams[0], case.targets[0])
+
+    if cells and min(cells) < 7:
+        log.warning("%s gives %d×%d heatmaps at %d px (each cell %d px): lesions are located to a cell at best; "
+                    "a shallower layer (e.g. --layer layer3) doubles the resolution", layer, *cells, spec.image_size, spec.image_size // cells[0])
+    grid = f"{cells[0]}×{cells[1]} cells" if cells else "no maps"
 
     # One absolute scale per class, shared by every case in the report: a class's maps are comparable
     # across cases, and a weak map stays cold instead of being stretched to full colour.
@@ -225,8 +232,8 @@ def report(
                 from medres.dicom_out import write_secondary_capture
 
                 write_secondary_capture(Path(case.full), overlay(grey, native, cmap), out / "cases" / f"{case.name}_cam_{cls}.dcm", include_identifiers=include_identifiers, description=f"medres Grad-CAM {meta.classes[cls]}")
-        atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, thresholds, ckpt_sha, method, layer, normalize, scales))
-    atomic_write(out / "index.html", _index_html(cases, meta, thresholds, method, layer, normalize, scales, faithfulness))
+        atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, thresholds, ckpt_sha, method, f"{layer} ({grid})", normalize, scales))
+    atomic_write(out / "index.html", _index_html(cases, meta, thresholds, method, f"{layer} ({grid})", normalize, scales, faithfulness))
     summary = {
         "cases": len(cases),
         "ok": sum(c.status == "ok" for c in cases),
@@ -235,6 +242,7 @@ def report(
         "normalize": normalize,
         "method": method,
         "layer": layer,
+        "map_cells": list(cells) if cells else None,
     }
     if faithfulness:
         d = [c.deletion_auc for c in cases if c.deletion_auc is not None]
