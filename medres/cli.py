@@ -247,7 +247,7 @@ def report(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
     out: Path = typer.Option(..., "--out", help="Report folder (index.html, cases/)."),
     method: str = typer.Option("gradcam", "--method", help="gradcam or gradcam++."),
-    layer: str = typer.Option("layer4", "--layer", help="Module name for the CAM."),
+    layer: str = typer.Option("layer4", "--layer", help="Module name for the CAM: layer4 gives image_size/32 cells per side, layer3 image_size/16."),
     class_: Optional[str] = typer.Option(None, "--class", help="Explain this class instead of the prediction."),
     normalize: str = typer.Option("shared", "--normalize", help="shared (absolute scale across the report) or per-image."),
     weight_by_probability: bool = typer.Option(False, "--weight-by-probability", help="Multiply each heatmap by its class probability."),
