@@ -214,3 +214,40 @@ def test_upsample_puts_each_cell_on_its_receptive_field_centre(size):
             assert np.abs(peak - centre).max() <= stride / 4, (name, (i, j), peak, centre)
             if size % 32 == 0:  # what the fix is for (at other sizes the resize's error varies by cell)
                 assert np.abs(naive - centre).max() >= stride / 2 - 4, (name, naive, centre)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_raw_maps_match_monai(method):
+    """Cross-check against an independent implementation: MONAI's GradCAM/GradCAMpp `compute_map`
+    (raw layer4 maps, argmax class per image) on the same ResNet50 and images. Grad-CAM must agree
+    exactly; MONAI's Grad-CAM++ multiplies by exp(score) (a positive factor per image when called one
+    image at a time), so its maps agree after dividing each by its maximum; it also adds 1e-7 to the
+    alpha denominator (g² + …, ~1e-10 for a random model), so the head is scaled up to make that
+    epsilon negligible (×1000 would overflow its exp). (For a global-pooled linear head the layer4 gradient is spatially uniform,
+    where MONAI's Σ A·g³ and the paper's g³·Σ A — ours and pytorch-grad-cam's — coincide.)"""
+    from monai.visualize import GradCAM, GradCAMpp
+
+    from medres.model import ResNet50
+
+    torch.manual_seed(0)
+    model = ResNet50(3).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            m.momentum = None  # running statistics from one batch: activations of a sane size
+    x = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 96, 96))
+        model.eval()
+        model.fc.weight *= 10
+        targets = model(x).argmax(1, keepdim=True)
+    ours = compute_cam(model, x, targets, layer="layer4", method=method).maps
+    ref_cls = GradCAM if method == "gradcam" else GradCAMpp
+    ref = torch.cat([ref_cls(nn_module=model, target_layers="layer4").compute_map(x[i : i + 1]) for i in range(len(x))]).detach()
+    assert ours.shape == ref.shape == (3, 1, 3, 3)
+    assert ref.amax() > 0
+    if method == "gradcam":
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    else:
+        norm = lambda m: m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # noqa: E731
+        torch.testing.assert_close(norm(ours), norm(ref), rtol=1e-3, atol=1e-4)
