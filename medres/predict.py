@@ -101,8 +101,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 _WORKER: dict = {}
 
 
-def _init_worker(spec: PreprocessSpec, cache_dir: str | None) -> None:
-    torch.set_num_threads(1)
+def _init_worker(spec: PreprocessSpec, cache_dir: str | None, in_process: bool = False) -> None:
+    if not in_process:  # a decoding process gets one thread; the caller's process keeps its own
+        torch.set_num_threads(1)
     _WORKER["spec"], _WORKER["cache"] = spec, ImageCache(cache_dir) if cache_dir else None
 
 
@@ -118,7 +119,7 @@ def _decode(item: InputFile) -> tuple[InputFile, np.ndarray | None, str, str]:
 
 def decoded_stream(files: list[InputFile], spec: PreprocessSpec, *, cache_dir: str | None, workers: int) -> Iterator[tuple[InputFile, np.ndarray | None, str, str]]:
     if workers <= 0:
-        _init_worker(spec, cache_dir)
+        _init_worker(spec, cache_dir, in_process=True)
         yield from map(_decode, files)
         return
     ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")

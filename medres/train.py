@@ -116,13 +116,17 @@ def _backbone_bn_eval(model: torch.nn.Module) -> None:
             m.eval()
 
 
-def prepare_data(cfg: Config, out: Path | None, *, progress=None) -> tuple[Manifest, np.ndarray, "object"]:
-    """Manifest → splits (with leakage audit) → decoded pixels. Rank 0 writes splits.csv."""
+def load_training_manifest(cfg: Config) -> Manifest:
     if cfg.data.manifest is None:
         raise ConfigInvalid("data.manifest is required for training")
     if not cfg.data.classes:
         raise ConfigInvalid("data.classes must list the class names")
-    manifest = load_manifest(cfg.data.manifest, classes=cfg.data.classes, task=cfg.data.task, root=cfg.data.root)
+    return load_manifest(cfg.data.manifest, classes=cfg.data.classes, task=cfg.data.task, root=cfg.data.root)
+
+
+def prepare_data(cfg: Config, out: Path | None, *, progress=None, manifest: Manifest | None = None) -> tuple[Manifest, np.ndarray, "object"]:
+    """Manifest → splits (with leakage audit) → decoded pixels. Rank 0 writes splits.csv."""
+    manifest = manifest if manifest is not None else load_training_manifest(cfg)
     splits = assign_splits(manifest, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed, group_by=cfg.data.group_by)
     items = [(str(manifest.absolute(i)), manifest.frame["path"].iloc[i]) for i in range(len(manifest))]
     decoded = decode_all(items, preprocess_spec(cfg), cache_dir=cfg.data.cache_dir, num_workers=cfg.train.num_workers, progress=progress)
@@ -141,6 +145,10 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    # Mistakes a user fixes by editing the config or the manifest fail here, before a run folder
+    # is made for them.
+    manifest = load_training_manifest(cfg)
+    source = load_source_weights(cfg.model.weights)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _attach_log(out / "train.log")
@@ -155,7 +163,7 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
 
     bar = Progress(enabled=show_progress and rank == 0)
     with bar.task("decode", total=None) as tick:
-        manifest, splits, decoded = prepare_data(cfg, out, progress=tick)
+        manifest, splits, decoded = prepare_data(cfg, out, progress=tick, manifest=manifest)
     if decoded.errors and rank == 0:  # each was logged as it happened; the list stays with the run
         atomic_write(out / "skipped.csv", csv_text(["row", "code", "message"], [list(e) for e in decoded.errors]))
     train_mask = (splits == "train") & decoded.ok
@@ -172,7 +180,6 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
 
     # Model, weights and normalisation that follows them.
     model = build_model(len(cfg.data.classes), in_channels=cfg.model.in_channels, dropout=cfg.model.dropout)
-    source = load_source_weights(cfg.model.weights)
     if source is not None:
         load_backbone_weights(model, source)
         mean, std = norm_for_channels(source.mean, source.std, cfg.model.in_channels)

@@ -247,7 +247,9 @@ def test_raw_maps_match_monai(method):
     assert ours.shape == ref.shape == (3, 1, 3, 3)
     assert ref.amax() > 0
     if method == "gradcam":
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+        # A map value sums ±terms over 2048 channels; cancellation makes float reduction order (thread
+        # count) show at ~1e-4 relative, so the tolerance is relative to the map's peak.
+        torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3 * float(ref.amax()))
     else:
         norm = lambda m: m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # noqa: E731
         torch.testing.assert_close(norm(ours), norm(ref), rtol=1e-3, atol=1e-4)

@@ -123,3 +123,17 @@ def test_onnx_export_parity_and_backend(trained_run, phantoms, tmp_path):
     a, b = pd.read_csv(tmp_path / "t.csv"), pd.read_csv(tmp_path / "o.csv")
     cols = [c for c in a.columns if c.startswith("prob_")]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() <= 1e-4
+
+
+def test_in_process_decoding_keeps_the_callers_threads(trained_run, mixed, tmp_path):
+    """workers=0 decodes in the caller's process: it must not pin that process (and the inference
+    after it) to one thread, as the worker initialiser does for decoding processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        predict(trained_run / "model.safetensors", [mixed], tmp_path / "p.csv", workers=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -135,8 +135,20 @@ def test_config_errors_exit_2(phantoms, override, expect):
     ("path,label,patient_id\na.png,nan,1\n", "label"),
     ("path,label,patient_id\na.png,,1\n", "label"),
 ])
-def test_manifest_errors_exit_2(tmp_path, content, expect):
+def test_manifest_errors_exit_2(tmp_path, monkeypatch, content, expect):
     m = tmp_path / "m.csv"
     m.write_text(content)
+    monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"data.manifest={m}", "-q"])
     assert r.exit_code == 2 and expect in r.output and "MANIFEST_INVALID" in r.output
+    assert not (tmp_path / "runs").exists()  # no run folder is made for a manifest that cannot train
+
+
+def test_missing_manifest_or_weights_make_no_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "data.manifest=nope.csv", "-q"])
+    assert r.exit_code == 2 and "manifest not found" in r.output and "nope.csv" in r.output
+    (tmp_path / "m.csv").write_text("path,label,patient_id\na.png,normal,1\n")
+    r = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "data.manifest=m.csv", "--set", "model.weights=missing.pth", "-q"])
+    assert r.exit_code != 0 and "missing.pth" in r.output
+    assert not (tmp_path / "runs").exists()

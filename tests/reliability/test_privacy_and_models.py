@@ -101,7 +101,7 @@ class Evil:
         return (open, (self.target, "w"))
 
 
-def test_pickle_payload_refused_and_never_runs(tmp_path):
+def test_pickle_payload_refused_and_never_runs(tmp_path, monkeypatch):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
@@ -109,7 +109,10 @@ def test_pickle_payload_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointInvalid, match="refused"):
         read_weight_file(path)
     assert not target.exists()
-    r = runner.invoke(app, ["train", "--set", f"model.weights={path}", "--set", "data.manifest=x.csv", "--set", "data.classes=[a]", "-q"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("path,label,patient_id\na.png,a,1\n")
+    r = runner.invoke(app, ["train", "--set", f"model.weights={path}", "--set", "data.manifest=m.csv", "--set", "data.classes=[a]", "-q"])
+    assert r.exit_code != 0 and "refused" in r.output, r.output
     assert not target.exists()
 
 
