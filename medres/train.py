@@ -137,7 +137,16 @@ def prepare_data(cfg: Config, out: Path | None, *, progress=None, manifest: Mani
 
 
 def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train; returns a summary dict. Writes the run folder described in the README."""
+    """Train; returns a summary dict. Writes the run folder described in the README.
+    `train.deterministic` switches torch to deterministic kernels for this call only."""
+    was_deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return _fit(cfg, out, resume=resume, show_progress=show_progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
+
+
+def _fit(cfg: Config, out: str | Path, *, resume: bool, show_progress: bool) -> dict:
     out = Path(out)
     device = resolve_device(cfg.train.device)
     distributed = _setup_distributed(device)

@@ -116,3 +116,11 @@ def test_ddp_two_cpu_processes(easy, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # rank 0 writes once
     load_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_deterministic_flag_is_restored_after_fit(easy, tmp_path):
+    import torch
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    fit(cfg_for(easy, "train.epochs=1", "train.max_steps_per_epoch=1", "train.deterministic=true"), tmp_path, show_progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()
