@@ -140,10 +140,15 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
     """Train; returns a summary dict. Writes the run folder described in the README.
     `train.deterministic` switches torch to deterministic kernels for this call only."""
     was_deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    root = logging.getLogger("medres")
+    handlers = list(root.handlers)
     try:
         return _fit(cfg, out, resume=resume, show_progress=show_progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
+        for h in [h for h in root.handlers if h not in handlers]:  # this run's train.log: closed, so a
+            root.removeHandler(h)  # later run in the same process does not write into it
+            h.close()
 
 
 def _fit(cfg: Config, out: str | Path, *, resume: bool, show_progress: bool) -> dict:

@@ -124,3 +124,14 @@ def test_deterministic_flag_is_restored_after_fit(easy, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     fit(cfg_for(easy, "train.epochs=1", "train.max_steps_per_epoch=1", "train.deterministic=true"), tmp_path, show_progress=False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_each_run_log_holds_only_its_own_run(easy, tmp_path):
+    """Two runs in one process (a notebook sweep): the first train.log must not receive the second
+    run's lines — fit detaches its log file when it returns."""
+    args = ("train.epochs=1", "train.max_steps_per_epoch=1")
+    fit(cfg_for(easy, *args), tmp_path / "a", show_progress=False)
+    size = (tmp_path / "a" / "train.log").stat().st_size
+    fit(cfg_for(easy, *args), tmp_path / "b", show_progress=False)
+    assert (tmp_path / "a" / "train.log").stat().st_size == size
+    assert "epoch" in (tmp_path / "b" / "train.log").read_text()
