@@ -27,7 +27,6 @@ def main() -> None:
     from medres.cam import compute_cam, pointing_game, randomised_copy, upsample
     from medres.config import load_config
     from medres.data.synthetic import held_out_lesions, make_dataset
-    from medres.model import load_checkpoint
     from medres.train import fit
 
     manifest = make_dataset(args.out / "data", n_per_class=args.n_per_class, size=128, classes=("normal", "opacity"), seed=5, dicom_fraction=0.1)
@@ -37,8 +36,7 @@ def main() -> None:
     fit(cfg, args.out / f"run-seed{args.seed}", show_progress=False)
     train_s = time.perf_counter() - t0
     run = args.out / f"run-seed{args.seed}"
-    model, _ = load_checkpoint(run / "model.safetensors")
-    x, masks = held_out_lesions(manifest, run)
+    model, x, masks = held_out_lesions(manifest, run)
     size = x.shape[-1]
     t = torch.ones(len(x), 1, dtype=torch.long)
     with torch.no_grad():

@@ -56,8 +56,7 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
     # At 128 px layer4's maps are 4×4 cells of 32 px — coarser than the phantoms' lesions; layer3's
     # are 8×8 (docs/benchmarks.md, pointing game). At 224 px and above the default layer4 is 7×7+.
     layer = "layer3" if cfg.data.image_size < 224 else "layer4"
-    cells = cfg.data.image_size // (16 if layer == "layer3" else 32)
-    print(f"[5/5] Grad-CAM report on {layer} ({cells}×{cells} maps at {cfg.data.image_size} px)")
+    print(f"[5/5] Grad-CAM report on {layer}")
     report(run / "model.safetensors", [test_manifest], out / "report", layer=layer)
     return {
         "auroc": result["macro"]["auroc"],

@@ -133,9 +133,10 @@ def make_dataset(
 
 
 def held_out_lesions(manifest: str | Path, run: str | Path, label: str = "opacity"):
-    """Positive phantoms of `label` outside the training split of `run`, ready for the model, with
-    their lesion masks resized exactly like the images: (normalised batch, list of bool masks).
-    This is the ground truth for the pointing game (tests/test_cam.py, bench/pointing.py)."""
+    """The trained model of `run` and the positive phantoms of `label` outside its training split,
+    ready for the model, with their lesion masks resized exactly like the images:
+    (model, normalised batch, list of bool masks) — the pointing game's ground truth
+    (tests/test_cam.py, bench/pointing.py)."""
     import torch
 
     from medres.inference import normalise
@@ -144,7 +145,7 @@ def held_out_lesions(manifest: str | Path, run: str | Path, label: str = "opacit
     from medres.model import load_checkpoint
 
     manifest, run = Path(manifest), Path(run)
-    _, meta = load_checkpoint(run / "model.safetensors")
+    model, meta = load_checkpoint(run / "model.safetensors")
     splits = pd.read_csv(run / "splits.csv")
     df = pd.read_csv(manifest).merge(splits[["path", "split"]], on="path")
     pos = df[(df["label"] == label) & (df["split"] != "train")]
@@ -154,4 +155,4 @@ def held_out_lesions(manifest: str | Path, run: str | Path, label: str = "opacit
         xs.append(load_image(manifest.parent / row.path, spec).pixels)
         mask = np.asarray(Image.open(manifest.parent / row.mask), dtype=np.float32) / 255
         masks.append(resize_to_square(mask, spec.image_size, spec.resize)[0] > 0.5)
-    return normalise(torch.from_numpy(np.stack(xs)), meta.mean, meta.std, meta.in_channels), masks
+    return model, normalise(torch.from_numpy(np.stack(xs)), meta.mean, meta.std, meta.in_channels), masks
