@@ -62,6 +62,7 @@ def test_log_odds_target_is_class_contrastive_and_does_not_vanish_when_confident
         c = int(t[b, 0])
         alpha = (m.fc.weight[c] - m.fc.weight[1 - c]).detach() / 36.0
         assert torch.allclose(res.maps[b, 0], torch.relu((alpha[:, None, None] * a[b]).sum(0)), atol=1e-6)
+    soft_before = compute_cam(m, x, t, layer="act", score="log_softmax").maps
     with torch.no_grad():
         m.fc.weight *= 20
         m.fc.bias *= 20
@@ -70,22 +71,11 @@ def test_log_odds_target_is_class_contrastive_and_does_not_vanish_when_confident
     p = hot.logits.softmax(1).gather(1, t).squeeze(1)
     confident = p > 0.99
     assert confident.any()
-    soft_before = compute_cam(_unscaled(m), x, t, layer="act", score="log_softmax").maps
     soft_after = compute_cam(m, x, t, layer="act", score="log_softmax").maps
     peak = lambda maps: maps.flatten(1).max(1).values  # noqa: E731
     assert (peak(soft_after)[confident] < peak(soft_before)[confident]).all()
     with pytest.raises(ValueError, match="log_odds"):
         compute_cam(m, x, t, layer="act", score="probability")
-
-
-def _unscaled(m):
-    import copy
-
-    m = copy.deepcopy(m)
-    with torch.no_grad():
-        m.fc.weight /= 20
-        m.fc.bias /= 20
-    return m
 
 
 def test_gradcampp_runs_and_is_finite():
@@ -223,8 +213,9 @@ def test_raw_maps_match_monai(method):
     exactly; MONAI's Grad-CAM++ multiplies by exp(score) (a positive factor per image when called one
     image at a time), so its maps agree after dividing each by its maximum; it also adds 1e-7 to the
     alpha denominator (g² + …, ~1e-10 for a random model), so the head is scaled up to make that
-    epsilon negligible (×1000 would overflow its exp). (For a global-pooled linear head the layer4 gradient is spatially uniform,
-    where MONAI's Σ A·g³ and the paper's g³·Σ A — ours and pytorch-grad-cam's — coincide.)"""
+    epsilon negligible (×1000 would overflow its exp). (For a global-pooled linear head the layer4
+    gradient is spatially uniform, where MONAI's Σ A·g³ and the paper's g³·Σ A — ours and
+    pytorch-grad-cam's — coincide.)"""
     from monai.visualize import GradCAM, GradCAMpp
 
     from medres.model import ResNet50
