@@ -26,10 +26,22 @@ def timed(fn, *args, **kw) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
+    """CPU model, cores, the instruction-set level torch dispatches to, and torch's threads."""
     import torch
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model()}, {os.cpu_count()} cores, {isa}, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
 def table(rows: list[tuple], header: tuple) -> str:

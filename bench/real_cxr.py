@@ -35,12 +35,12 @@ def main() -> None:
     from medres.train import fit
 
     out = Path(args.out)
-    cfg = load_config(ROOT / "configs" / "covid_xray.yaml", [f"data.manifest={manifest}", "model.weights=none", f"data.cache_dir={out.parent / 'cache'}", *args.overrides])
+    cfg = load_config(ROOT / "configs" / "covid_xray.yaml", [f"data.manifest={manifest}", "model.weights=none", f"data.store_dir={out.parent / 'store'}", *args.overrides])
     t0 = time.perf_counter()
     summary = fit(cfg, out, show_progress=sys.stderr.isatty())
     train_s = time.perf_counter() - t0
     best = max(summary["epochs"], key=lambda e: e.get("val_macro_auroc") or -1)
-    res = evaluate(out / "model.safetensors", manifest, out / "eval", split="test", splits_csv=out / "splits.csv", by=["source"], bootstrap=args.bootstrap)
+    res = evaluate(out / "model.safetensors", manifest, out / "eval", split="test", splits_csv=out / "splits.csv", by=["source"], bootstrap=args.bootstrap, store_dir=cfg.data.store_dir)
     report = {
         "train_seconds": round(train_s, 1),
         "epochs_run": len(summary["epochs"]),
@@ -57,6 +57,7 @@ def main() -> None:
         "subgroups": [{"column": s["column"], "predictability_auroc": s["predictability_auroc"], "groups": {g: {"images": m["images"], "patients": m["patients"], "macro_auroc": m["macro"]["auroc"], "per_class_auroc": {c: m["per_class"][c]["auroc"] for c in res["classes"]}} for g, m in s["groups"].items()}} for s in res["subgroups"]],
         "warnings": res["warnings"],
         "config_overrides": ["model.weights=none", *args.overrides],
+        "store_dtype": cfg.data.store_dtype,
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))

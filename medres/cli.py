@@ -101,19 +101,21 @@ def train(
 
 
 # --- evaluate / calibrate --------------------------------------------------------------------------
-def _run_paths(run: Optional[Path], checkpoint: Optional[Path], manifest: Optional[Path]) -> tuple[Path, Path, Optional[Path]]:
+def _run_paths(run: Optional[Path], checkpoint: Optional[Path], manifest: Optional[Path], store_dir: Optional[Path]) -> tuple[Path, Path, Optional[Path], Optional[Path]]:
+    """Checkpoint, manifest, splits.csv and image-store folder, from --run's folder unless given."""
     splits = None
     if run is not None:
         checkpoint = checkpoint or run / "model.safetensors"
         splits = run / "splits.csv"
-        if manifest is None:
-            import yaml
+        import yaml
 
-            cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-            manifest = Path(cfg["data"]["manifest"])
+        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("data", {})
+        manifest = manifest or Path(data["manifest"])
+        if store_dir is None and data.get("store_dir"):
+            store_dir = Path(data["store_dir"])  # the training run's store: nothing is decoded again
     if checkpoint is None or manifest is None:
         raise UsageError("give --run RUN_DIR, or --checkpoint and --manifest")
-    return checkpoint, manifest, splits
+    return checkpoint, manifest, splits, store_dir
 
 
 @app.command()
@@ -127,7 +129,8 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     out: Path = typer.Option(..., "--out", help="Output folder (metrics.json, per_case.csv, plots, report.html)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Decoded-image cache folder."),
+    store_dir: Optional[Path] = typer.Option(None, "--store-dir", help="Decoded-image store folder (default: the run's data.store_dir, else $MEDRES_STORE_DIR or ~/.cache/medres/store)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes decoding images missing from the store (default: one per core)."),
 ) -> None:
     """Metrics with patient-level CIs, calibration, operating points and a subgroup audit.
 
@@ -136,8 +139,8 @@ def evaluate(
     from medres.evaluate import evaluate as run_eval
 
     def go():
-        ckpt, man, splits = _run_paths(run, checkpoint, manifest)
-        return run_eval(ckpt, man, out, split=split or None, splits_csv=splits, by=[b for b in by.split(",") if b], bootstrap=bootstrap, seed=seed, device=device, cache_dir=cache_dir)
+        ckpt, man, splits, store = _run_paths(run, checkpoint, manifest, store_dir)
+        return run_eval(ckpt, man, out, split=split or None, splits_csv=splits, by=[b for b in by.split(",") if b], bootstrap=bootstrap, seed=seed, device=device, store_dir=store, num_workers=workers)
 
     result = _run(go)
     m = result["macro"]
@@ -159,6 +162,7 @@ def calibrate(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="model.safetensors to update."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest with a val split (or use --run)."),
     target_sensitivity: Optional[float] = typer.Option(None, "--target-sensitivity", help="Operating point at this sensitivity instead of Youden's J."),
+    store_dir: Optional[Path] = typer.Option(None, "--store-dir", help="Decoded-image store folder (default: the run's data.store_dir, else $MEDRES_STORE_DIR or ~/.cache/medres/store)."),
 ) -> None:
     """Fit temperature scaling and operating points on the validation split; store them in the checkpoint.
 
@@ -167,8 +171,8 @@ def calibrate(
     from medres.evaluate import calibrate as run_cal
 
     def go():
-        ckpt, man, splits = _run_paths(run, checkpoint, manifest)
-        return run_cal(ckpt, man, splits, target_sensitivity=target_sensitivity)
+        ckpt, man, splits, store = _run_paths(run, checkpoint, manifest, store_dir)
+        return run_cal(ckpt, man, splits, target_sensitivity=target_sensitivity, store_dir=store)
 
     result = _run(go)
     typer.echo(json.dumps(result))
@@ -188,15 +192,17 @@ def predict(
     backend: str = typer.Option("torch", "--backend", help="torch or onnx."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model for --backend onnx."),
     tta: bool = typer.Option(False, "--tta", help="Average mild affine variants."),
-    shard_: Optional[str] = typer.Option(None, "--shard", help="i/n: score only this machine's share."),
+    shard_: Optional[str] = typer.Option(None, "--shard", help="i/n: score only this machine's share (under torchrun the ranks share the inputs by themselves)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Decoded-image cache folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    resume: bool = typer.Option(False, "--resume", help="Keep rows already in the output; score the rest."),
+    resume: bool = typer.Option(False, "--resume", help="Keep rows already scored (the journal of a killed run, or the output); score the rest."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad file."),
-    flush_every: float = typer.Option(10.0, "--flush-every", help="Seconds between atomic rewrites of the output (finished rows survive a crash)."),
+    flush_every: float = typer.Option(10.0, "--flush-every", help="Seconds between fsyncs of the row journal (.OUT.partial); the table is written atomically at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Score whole folders; one row per file, errors included. Exit 0 all scored, 1 some failed, 2 usage, 3 bad checkpoint.
+
+    Several processes or machines: torchrun --nproc_per_node 4 -m medres predict ... (rank 0 writes the one table).
 
     Example: medres predict --checkpoint runs/covid/model.safetensors /data/studies --out preds.csv
     """

@@ -32,7 +32,9 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients for validation when the manifest has no split column.")
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients for test when the manifest has no split column.")
     group_by: str = Field("patient_id", description="Manifest column whose values never cross splits.")
-    cache_dir: Path | None = Field(None, description="Persistent cache of decoded+resized images (None: no cache).")
+    cache_dir: Path | None = Field(None, description="Optional per-file cache of decoded+resized float32 images, shared with predict/report (None: off).")
+    store_dir: Path | None = Field(None, description="Where the decoded-image store lives (None: $MEDRES_STORE_DIR, else ~/.cache/medres/store); needs N x image_size^2 bytes (uint8).")
+    store_dtype: Literal["uint8", "uint16", "float32"] = Field("uint8", description="Stored pixel precision after the VOI/window step: uint8 (display precision), uint16, or float32.")
     voi: Union[Literal["auto", "none", "minmax"], int] = Field("auto", description="DICOM VOI policy: auto (file's first window/LUT, else percentiles), none, minmax, or a window index.")
     max_megapixels: float = Field(100.0, gt=0, description="Refuse images larger than this before allocating their pixels.")
     allow_leakage: bool = Field(False, description="Allow a patient or identical pixels in two splits (not recommended).")
@@ -72,7 +74,8 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed for splits, initialisation, augmentation and sampling.")
     deterministic: bool = Field(False, description="Deterministic kernels (slower) so --resume equals an uninterrupted run.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
-    num_workers: int = Field(0, ge=0, description="Processes decoding images before training (0: in-process).")
+    num_workers: int | None = Field(None, ge=0, description="Processes decoding images into the store (None: one per core; 0: in-process).")
+    loader_workers: int = Field(1, ge=0, description="DataLoader processes reading training batches from the store (0: in the training process).")
     early_stopping: int = Field(0, ge=0, description="Stop after this many epochs without a better validation AUROC (0: off).")
     max_steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch (0: all); for smoke tests.")
     calibrate: bool = Field(True, description="Fit temperature scaling and operating points on validation at the end.")
@@ -190,7 +193,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(tree, key, value, f"--set {key}")
     cfg = config_from_dict(tree, source + (" + --set" if overrides else ""))
-    for field in ("manifest", "root"):  # inputs; cache_dir is an output and stays relative to the current directory
+    for field in ("manifest", "root"):  # inputs; cache_dir and store_dir are outputs and stays relative to the current directory
         value = getattr(cfg.data, field)
         if value is not None and not value.is_absolute() and not value.exists() and base is not None:
             candidate = base / value

@@ -34,7 +34,8 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
     data = out / "phantoms"
     print(f"[1/5] generating {3 * n_per_class} synthetic phantoms (PNG + DICOM) in {data}")
     manifest = make_dataset(data, n_per_class=n_per_class, size=160, seed=0)
-    cfg = load_config(config or default_demo_config(), [f"data.manifest={manifest}"] + list(overrides or []))
+    # The decoded-image store lives with the demo's other outputs unless the user points it elsewhere.
+    cfg = load_config(config or default_demo_config(), [f"data.manifest={manifest}", f"data.store_dir={out / 'store'}"] + list(overrides or []))
     run = out / "run"
     print(f"[2/5] training {cfg.name}: ResNet50 at {cfg.data.image_size} px for {cfg.train.epochs} epochs -> {run}")
     if (run / "state.pt").exists():
@@ -43,7 +44,7 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
         shutil.rmtree(run)
     fit(cfg, run, show_progress=show_progress)
     print("[3/5] evaluating on the held-out phantom split")
-    result = evaluate(run / "model.safetensors", manifest, out / "eval", split="test", splits_csv=run / "splits.csv", by=["site"], bootstrap=cfg.eval.bootstrap)
+    result = evaluate(run / "model.safetensors", manifest, out / "eval", split="test", splits_csv=run / "splits.csv", by=["site"], bootstrap=cfg.eval.bootstrap, store_dir=cfg.data.store_dir)
     import pandas as pd
 
     splits = pd.read_csv(run / "splits.csv")

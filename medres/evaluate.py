@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medres.data.dataset import decode_all
+from medres.data.dataset import open_store, stream
 from medres.data.manifest import Manifest, load_manifest
 from medres.errors import ManifestInvalid, UsageError
 from medres.files import atomic_write, csv_text
-from medres.inference import Predictor, to_probs
+from medres.inference import Predictor, calibrate_meta, to_probs
 from medres.io import PreprocessSpec
-from medres.metrics import brier, choose_thresholds, ece, fit_temperature, point_metrics, predict_labels
+from medres.metrics import brier, ece, point_metrics, predict_labels
 from medres.model import ModelMeta, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -33,19 +33,26 @@ CI_KEYS = ("auroc", "average_precision", "sensitivity", "specificity", "ppv", "n
 
 @dataclass
 class Scored:
-    manifest: Manifest
-    logits: np.ndarray
-    ok: np.ndarray
-    errors: list = field(default_factory=list)
+    logits: np.ndarray  # (len(rows), C); rows whose file failed are zeros
+    ok: np.ndarray  # (len(rows),) bool
+    errors: list = field(default_factory=list)  # (store row, code, one-line message)
 
 
-def score_manifest(model, meta: ModelMeta, manifest: Manifest, *, device: str = "auto", precision: str = "auto", batch_size: int = 32, cache_dir=None, num_workers: int = 0) -> Scored:
-    spec = PreprocessSpec.from_dict(meta.preprocess)
-    items = [(str(manifest.absolute(i)), manifest.frame["path"].iloc[i]) for i in range(len(manifest))]
-    decoded = decode_all(items, spec, cache_dir=cache_dir, num_workers=num_workers)
-    predictor = Predictor.create(model, meta, device=device, precision=precision)
-    logits = predictor.logits_batched(torch.from_numpy(decoded.pixels), batch_size)
-    return Scored(manifest, logits, decoded.ok, decoded.errors)
+def score_manifest(model, meta: ModelMeta, manifest: Manifest, rows: np.ndarray | None = None, *, device: str = "auto", precision: str = "auto", batch_size: int = 32, store_dir=None, num_workers: int | None = None) -> Scored:
+    """Logits for `rows` of the manifest (default all), read from the on-disk image store the training
+    run built for the same files and preprocessing (built here, once, if it does not exist)."""
+    rows = np.arange(len(manifest)) if rows is None else np.asarray(rows, dtype=np.int64)
+    store = open_store(manifest, PreprocessSpec.from_dict(meta.preprocess), store_dir=store_dir, dtype=meta.store_dtype)
+    try:
+        store.ensure(rows, workers=num_workers)
+        ok = store.ok_mask(rows)
+        logits = np.zeros((len(rows), len(meta.classes)), dtype=np.float32)
+        predictor = Predictor.create(model, meta, device=device, precision=precision)
+        if ok.any():
+            logits[ok] = predictor.logits_of(stream(store, rows[ok], batch_size))
+        return Scored(logits, ok, store.errors(rows))
+    finally:
+        store.close()
 
 
 # --- bootstrap -----------------------------------------------------------------------------------
@@ -153,19 +160,17 @@ def column_predictability(logits: np.ndarray, values: np.ndarray, patients: np.n
 
 
 # --- the command ---------------------------------------------------------------------------------
-def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None, device: str = "auto", cache_dir=None) -> dict:
+def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None, device: str = "auto", store_dir=None, num_workers: int | None = None) -> dict:
     """Fit temperature and operating points on the validation split and store them in the checkpoint."""
     model, meta = load_checkpoint(checkpoint)
     manifest = _with_splits(load_manifest(manifest_path, classes=meta.classes, task=meta.task), splits_csv)
-    val = manifest.subset((manifest.frame["split"] == "val").to_numpy())
+    val = np.nonzero((manifest.frame["split"] == "val").to_numpy())[0] if "split" in manifest.frame.columns else np.zeros(0, dtype=np.int64)
     if len(val) == 0:
         raise ManifestInvalid(f"{manifest.source}: no validation rows to calibrate on")
-    scored = score_manifest(model, meta, val, device=device, cache_dir=cache_dir)
-    y, z = val.targets[scored.ok], scored.logits[scored.ok]
-    meta.temperature = fit_temperature(z, y, meta.task)
-    meta.thresholds, meta.threshold_method = choose_thresholds(y, to_probs(z, meta.task, meta.temperature), target_sensitivity=target_sensitivity)
+    scored = score_manifest(model, meta, manifest, val, device=device, store_dir=store_dir, num_workers=num_workers)
+    result = calibrate_meta(meta, scored.logits[scored.ok], manifest.targets[val][scored.ok], target_sensitivity=target_sensitivity)
     save_checkpoint(checkpoint, model, meta)
-    return {"temperature": meta.temperature, "thresholds": meta.thresholds, "method": meta.threshold_method}
+    return result
 
 
 def _with_splits(manifest: Manifest, splits_csv: str | Path | None) -> Manifest:
@@ -190,8 +195,8 @@ def evaluate(
     seed: int = 0,
     device: str = "auto",
     precision: str = "auto",
-    cache_dir=None,
-    num_workers: int = 0,
+    store_dir=None,
+    num_workers: int | None = None,
     plots: bool = True,
 ) -> dict:
     out = Path(out)
@@ -199,13 +204,18 @@ def evaluate(
     model, meta = load_checkpoint(checkpoint)
     manifest = _with_splits(load_manifest(manifest_path, classes=meta.classes, task=meta.task), splits_csv)
     warns: list[str] = []
+    rows = np.arange(len(manifest))
     if split:
         if "split" not in manifest.frame.columns:
             raise UsageError(f"--split {split}: the manifest has no split column; pass --run RUN_DIR (its splits.csv) or --split ''")
-        manifest = manifest.subset((manifest.frame["split"] == split).to_numpy())
-        if len(manifest) == 0:
+        rows = np.nonzero((manifest.frame["split"] == split).to_numpy())[0]
+        if len(rows) == 0:
             raise ManifestInvalid(f"no rows with split={split}")
-    scored = score_manifest(model, meta, manifest, device=device, precision=precision, cache_dir=cache_dir, num_workers=num_workers)
+    # The store is keyed by the whole manifest, so the training run's store serves every split.
+    scored = score_manifest(model, meta, manifest, rows, device=device, precision=precision, store_dir=store_dir, num_workers=num_workers)
+    mask = np.zeros(len(manifest), dtype=bool)
+    mask[rows] = True
+    manifest = manifest.subset(mask)
     ok = scored.ok
     warns += [f"skipped {m}" for _, _, m in scored.errors]
     y, z = manifest.targets[ok], scored.logits[ok]

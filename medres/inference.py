@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -60,6 +61,16 @@ def to_probs(logits: torch.Tensor | np.ndarray, task: str, temperature: float = 
     return p.cpu().numpy()
 
 
+def calibrate_meta(meta: ModelMeta, logits: np.ndarray, y: np.ndarray, *, target_sensitivity: float | None = None) -> dict:
+    """Temperature scaling and operating points from validation logits, written into `meta`.
+    The one calibration step: `train` runs it at the end, `medres calibrate` on older checkpoints."""
+    from medres.metrics import choose_thresholds, fit_temperature
+
+    meta.temperature = fit_temperature(logits, y, meta.task)
+    meta.thresholds, meta.threshold_method = choose_thresholds(y, to_probs(logits, meta.task, meta.temperature), target_sensitivity=target_sensitivity)
+    return {"temperature": meta.temperature, "thresholds": meta.thresholds, "method": meta.threshold_method}
+
+
 @dataclass
 class Predictor:
     """Batched scoring with the checkpoint's own normalisation, calibration and precision."""
@@ -91,7 +102,11 @@ class Predictor:
 
     def logits_batched(self, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
         """(N, H, W) → (N, C) logits, `batch_size` images per forward pass."""
-        out = [self.logits(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        return self.logits_of(pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size))
+
+    def logits_of(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
+        """Batches of (B, H, W) pixels (e.g. streamed from the image store) → (N, C) logits."""
+        out = [self.logits(b) for b in batches]
         return np.concatenate(out) if out else np.zeros((0, len(self.meta.classes)), dtype=np.float32)
 
     def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:

@@ -296,6 +296,7 @@ class ModelMeta:
     dropout: float = 0.0
     epoch: int | None = None
     val_auroc: float | None = None
+    store_dtype: str = "uint8"  # how the training images were stored; evaluate/calibrate reuse that store
 
     def effective_thresholds(self) -> list[float]:
         if self.thresholds:

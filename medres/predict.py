@@ -1,9 +1,11 @@
 """Batch scoring: files, folders (recursive, found by content) or a manifest → one row per file.
 
 Decoding runs in worker processes (`Pool.imap`, ordered, prefetching) while the main process runs
-the model in batches with bf16 autocast + channels_last. Rows are written atomically (temp file +
-rename) every `flush_every` seconds, so a crash leaves the previous complete file; `--resume`
-skips rows already present. Bad files become error rows with a stable code; the batch goes on.
+the model in batches with bf16 autocast + channels_last. Finished rows are appended to a journal
+(`.{out}.partial`, fsync'd every `flush_every` seconds, so each flush costs only the new rows); at the
+end it is renamed into place, so the output appears atomically. A killed run leaves the journal and
+`--resume` continues it. Bad files become error rows with a stable code; the batch goes on.
+Under `torchrun`, every rank scores its hash share and rank 0 joins the shares into one table.
 """
 
 from __future__ import annotations
@@ -77,12 +79,16 @@ def _is_manifest(path: Path) -> bool:
     return "path" in header
 
 
+def shard_of(key: str, count: int) -> int:
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % count
+
+
 def shard(files: list[InputFile], index: int, count: int) -> list[InputFile]:
     """Deterministic split by a hash of the row key: every file in exactly one of `count` shards,
-    independent of listing order, so N machines can share a folder."""
+    independent of listing order, so N machines (or torchrun ranks) can share a folder."""
     if not 0 <= index < count:
         raise UsageError(f"--shard {index}/{count}: need 0 <= i < n")
-    return [f for f in files if int(hashlib.sha1(f.shown.encode()).hexdigest(), 16) % count == index]
+    return [f for f in files if shard_of(f.shown, count) == index]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -117,7 +123,7 @@ def _decode(item: InputFile) -> tuple[InputFile, np.ndarray | None, str, str]:
         return item, None, err.code, err.one_line()
 
 
-def decoded_stream(files: list[InputFile], spec: PreprocessSpec, *, cache_dir: str | None, workers: int) -> Iterator[tuple[InputFile, np.ndarray | None, str, str]]:
+def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: str | None, workers: int) -> Iterator[tuple[InputFile, np.ndarray | None, str, str]]:
     if workers <= 0:
         _init_worker(spec, cache_dir, in_process=True)
         yield from map(_decode, files)
@@ -172,28 +178,138 @@ def columns(meta) -> list[str]:
 def read_existing(path: Path, fmt: str) -> list[dict]:
     if not path.exists():
         return []
-    if fmt == "csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    if fmt == "jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    import pandas as pd
+    if fmt == "parquet":
+        import pandas as pd
 
-    return pd.read_parquet(path).astype(str).to_dict("records")
+        return pd.read_parquet(path).astype(str).to_dict("records")
+    return list(_read_lines(path, fmt))
 
 
-def write_rows(path: Path, rows: list[dict], cols: list[str], fmt: str) -> None:
-    with atomic_path(path) as tmp:
+def _read_lines(path: Path, fmt: str) -> Iterator[dict]:
+    """Rows of a CSV or JSONL table, streamed."""
+    with open(path, newline="", encoding="utf-8") as fh:
         if fmt == "csv":
-            tmp.write_text(csv_text(cols, [[r.get(c, "") for c in cols] for r in rows]), encoding="utf-8")
-        elif fmt == "jsonl":
-            tmp.write_text("".join(json.dumps({c: r.get(c, "") for c in cols}) + "\n" for r in rows), encoding="utf-8")
+            yield from csv.DictReader(fh)
+        else:
+            yield from (json.loads(line) for line in fh if line.strip())
+
+
+def _encode(rows: list[dict], cols: list[str], fmt: str, header: bool) -> bytes:
+    if fmt == "csv":
+        text = csv_text(cols, [[r.get(c, "") for c in cols] for r in rows])
+        return (text if header else text.split("\n", 1)[1]).encode("utf-8")
+    return "".join(json.dumps({c: r.get(c, "") for c in cols}) + "\n" for r in rows).encode("utf-8")
+
+
+class Journal:
+    """Finished rows, appended as they are scored to `.{out}.partial` in a line format (CSV, or JSONL for
+    `--format jsonl`) and fsync'd every `flush_every` seconds: each flush costs only the new rows. At the
+    end the final table is the journal renamed into place (atomic), or written once from it when its
+    rows are out of input order or the format is parquet. A killed run leaves the journal; `--resume`
+    drops a torn last line and continues it."""
+
+    def __init__(self, out: Path, cols: list[str], fmt: str, *, name: str | None = None):
+        self.out, self.cols, self.fmt = out, cols, fmt
+        self.line_fmt = "jsonl" if fmt == "jsonl" else "csv"
+        self.path = out.with_name(name or f".{out.name}.partial")
+        self.keys: list[str] = []
+        self.bytes_written = 0
+        self._fh = None
+
+    def start(self, *, resume: bool) -> dict[str, dict]:
+        """Open for appending; with `resume`, the rows already done (from the journal, else the output)."""
+        done: dict[str, dict] = {}
+        if resume and not self.path.exists() and self.out.exists():  # a finished run: continue it
+            if self.fmt == "parquet":
+                self._write_new(read_existing(self.out, self.fmt))
+            else:
+                os.replace(self.out, self.path)
+        if resume and self.path.exists():
+            _drop_torn_tail(self.path)
+            for row in _read_lines(self.path, self.line_fmt):
+                if row.get("path") is not None and row["path"] not in done:
+                    done[row["path"]] = row
+                    self.keys.append(row["path"])
+        else:
+            self.path.unlink(missing_ok=True)
+        self._fh = open(self.path, "ab")
+        if self._fh.tell() == 0 and self.line_fmt == "csv":
+            self._write(_encode([], self.cols, "csv", header=True))
+        return done
+
+    def _write_new(self, rows: list[dict]) -> None:
+        with open(self.path, "wb") as fh:
+            fh.write(_encode(rows, self.cols, self.line_fmt, header=True))
+
+    def _write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self.bytes_written += len(data)
+
+    def append(self, rows: list[dict]) -> None:
+        self._write(_encode(rows, self.cols, self.line_fmt, header=False))
+        self._fh.flush()  # in the page cache: survives kill -9 of this process
+        self.keys += [r["path"] for r in rows]
+
+    def sync(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self.sync()
+            self._fh.close()
+            self._fh = None
+
+    def in_order(self, order: list[str]) -> bool:
+        present = set(self.keys)
+        return self.keys == [k for k in order if k in present]
+
+    def finish(self, order: list[str]) -> None:
+        """The final table, atomically: a rename when the journal already is it, else one rewrite."""
+        self.close()
+        if self.fmt != "parquet" and self.in_order(order):
+            os.replace(self.path, self.out)
+            return
+        rows = {r["path"]: r for r in _read_lines(self.path, self.line_fmt)}
+        self.bytes_written += write_rows(self.out, [rows[k] for k in order if k in rows], self.cols, self.fmt)
+        self.path.unlink(missing_ok=True)
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (a run killed mid-write)."""
+    with open(path, "rb+") as fh:
+        data_end = fh.seek(0, os.SEEK_END)
+        if data_end == 0:
+            return
+        fh.seek(max(0, data_end - 65536))
+        tail = fh.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        fh.truncate(data_end - len(tail) + cut + 1 if cut >= 0 else 0)
+
+
+def write_rows(path: Path, rows: Iterable[dict], cols: list[str], fmt: str) -> int:
+    """Write a whole table atomically; returns the bytes written."""
+    with atomic_path(path) as tmp:
+        if fmt in ("csv", "jsonl"):
+            with open(tmp, "wb") as fh:
+                fh.write(_encode([], cols, fmt, header=True) if fmt == "csv" else b"")
+                chunk: list[dict] = []
+                for r in rows:
+                    chunk.append(r)
+                    if len(chunk) == 4096:
+                        fh.write(_encode(chunk, cols, fmt, header=False))
+                        chunk = []
+                fh.write(_encode(chunk, cols, fmt, header=False))
         else:
             import pandas as pd
 
             pd.DataFrame([{c: str(r.get(c, "")) for c in cols} for r in rows], columns=cols).to_parquet(tmp, index=False)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        return tmp.stat().st_size
 
 
 @dataclass
@@ -205,6 +321,7 @@ class PredictResult:
     skipped_existing: int = 0
     by_code: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    bytes_written: int = 0  # journal + final table: ≈ the table's size for csv/jsonl
 
     @property
     def exit_code(self) -> int:
@@ -234,90 +351,147 @@ def predict(
     on_total=None,
 ) -> PredictResult:
     """Score every input file; see the module docstring. Returns counts; raises only for usage or
-    checkpoint problems (nothing scored)."""
+    checkpoint problems (nothing scored). Under torchrun each rank scores its share and rank 0 joins
+    the shares into `out`."""
     from medres.inference import Predictor
     from medres.model import load_checkpoint
 
     out = Path(out)
     if fmt not in ("csv", "jsonl", "parquet"):
         raise UsageError(f"--format must be csv, jsonl or parquet, got {fmt!r}")
+    if backend == "onnx" and onnx_path is None:
+        raise UsageError("--backend onnx needs --onnx MODEL.onnx (from medres export)")
+    ranks = torchrun_rank()
+    if ranks and shard_spec:
+        raise UsageError("--shard and torchrun both split the inputs: use one of them")
     if out.exists() and not (overwrite or resume):
         raise OutputExists(f"{out} exists; pass --overwrite to replace it or --resume to finish it")
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed run (SIGKILL skips cleanup)
         stale.unlink(missing_ok=True)
     files = discover(inputs)
-    sh = parse_shard(shard_spec)
-    if sh:
-        files = shard(files, *sh)
     if not files:
         raise NoInputs("no input files found")
+    sh = parse_shard(shard_spec) or ranks
+    mine = shard(files, *sh) if sh else files
+    if ranks and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     model, meta = load_checkpoint(checkpoint)
-    spec = PreprocessSpec.from_dict(meta.preprocess)
     scorer = Predictor.create(model, meta, device=device, precision=precision)
     onnx = OnnxBackend(onnx_path, meta) if backend == "onnx" else None
-    if backend == "onnx" and onnx_path is None:
-        raise UsageError("--backend onnx needs --onnx MODEL.onnx (from medres export)")
-    thresholds = meta.effective_thresholds()
-    cols = columns(meta)
-
-    existing = read_existing(out, fmt) if resume else []
-    done = {r["path"]: r for r in existing}
-    todo = [f for f in files if f.shown not in done]
-    result = PredictResult(out=out, total=len(files), skipped_existing=len(files) - len(todo))
+    journal = Journal(out, columns(meta), fmt, name=f".{out.name}.part-{ranks[0]}-of-{ranks[1]}" if ranks else None)
+    done = journal.start(resume=resume)
+    todo = [f for f in mine if f.shown not in done]
+    result = PredictResult(out=out, total=len(mine), skipped_existing=len(mine) - len(todo))
     if on_total:
         on_total(len(todo))
-    rows_by_key: dict[str, dict] = dict(done)
-    order = [f.shown for f in files]
-    t0 = last_flush = time.perf_counter()
-
-    def flush() -> None:
-        write_rows(out, [rows_by_key[k] for k in order if k in rows_by_key], cols, fmt)
-
     if workers is None:
         workers = max(1, min(4, (os.cpu_count() or 2) - 1))
-    pending: list[tuple[InputFile, np.ndarray]] = []
+    t0 = time.perf_counter()
+    try:
+        _score_files(todo, scorer, onnx, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
+                     batch_size=batch_size, tta=tta, fail_fast=fail_fast, flush_every=flush_every, on_progress=on_progress)
+    finally:
+        journal.close()  # a crash keeps every finished row in the journal for --resume
+    if ranks:
+        _join_ranks(journal, files, ranks, result)
+    else:
+        journal.finish([f.shown for f in files])
+    result.bytes_written = journal.bytes_written
+    result.by_code["ok"] = result.scored
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool, fail_fast: bool, flush_every: float, on_progress) -> None:
+    """Decode (worker processes) → batches → probabilities → journal rows, in input order."""
+    thresholds = meta.effective_thresholds()
+    pending: list[tuple[InputFile, np.ndarray | None, str, str]] = []
+    last_sync = time.perf_counter()
 
     def score_pending() -> None:
-        if not pending:
-            return
-        x = torch.from_numpy(np.stack([p for _, p in pending]))
-        views = tta_views(x) if tta else [x]
-        probs = np.mean([scorer.probs(onnx.logits(v) if onnx else scorer.logits(v)) for v in views], axis=0)
-        labels = predict_labels(probs, meta.task, thresholds)
-        for (item, _), p, lab in zip(pending, probs, labels):
+        good = [p for p in pending if p[1] is not None]
+        probs, labels = np.zeros((0, len(meta.classes))), []
+        if good:
+            x = torch.from_numpy(np.stack([p[1] for p in good]))
+            views = tta_views(x) if tta else [x]
+            probs = np.mean([scorer.probs(onnx.logits(v) if onnx else scorer.logits(v)) for v in views], axis=0)
+            labels = predict_labels(probs, meta.task, thresholds)
+        scored = iter(zip(probs, labels))
+        rows = []
+        for item, pixels, code, message in pending:
+            if pixels is None:
+                rows.append({"path": item.shown, "status": "error", "error_code": code, "message": message})
+                continue
+            p, lab = next(scored)
             row = {"path": item.shown, "status": "ok", "error_code": "", "message": ""}
             row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(meta.classes, p)})
             if meta.task == "multiclass":
                 row["prediction"] = meta.classes[int(lab)]
             else:
                 row.update({f"positive_{c}": int(v) for c, v in zip(meta.classes, lab)})
-            rows_by_key[item.shown] = row
-            result.scored += 1
+            rows.append(row)
+        journal.append(rows)
+        result.scored += len(good)
         if on_progress:
             on_progress(len(pending))
         pending.clear()
 
+    stream_ = decoded_stream(todo, spec=PreprocessSpec.from_dict(meta.preprocess), cache_dir=str(cache_dir) if cache_dir else None, workers=workers)
+    for item, pixels, code, message in stream_:
+        pending.append((item, pixels, code, message))
+        if pixels is None:
+            result.failed += 1
+            result.by_code[code] += 1
+            log.warning(message)
+            if fail_fast:
+                break
+        # Rows leave in input order, so a fresh run's journal already is the final table.
+        if sum(p[1] is not None for p in pending) >= batch_size or len(pending) >= 4 * batch_size:
+            score_pending()
+        if time.perf_counter() - last_sync > flush_every:
+            journal.sync()
+            last_sync = time.perf_counter()
+    score_pending()
+
+
+# --- several processes: torchrun ------------------------------------------------------------------
+def torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun with more than one process, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def _join_ranks(journal: Journal, files: list[InputFile], ranks: tuple[int, int], result: PredictResult) -> None:
+    """Wait for every rank; rank 0 merges the per-rank journals into the one output table (input
+    order) and removes them; the counts in `result` become the totals over all ranks."""
+    import torch.distributed as dist
+
+    rank, world = ranks
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # a CPU barrier even on GPU machines
     try:
-        for item, pixels, code, message in decoded_stream(todo, spec, cache_dir=str(cache_dir) if cache_dir else None, workers=workers if len(todo) > 1 else 0):
-            if pixels is None:
-                rows_by_key[item.shown] = {"path": item.shown, "status": "error", "error_code": code, "message": message}
-                result.failed += 1
-                result.by_code[code] += 1
-                log.warning(message)
-                if on_progress:
-                    on_progress(1)
-                if fail_fast:
-                    break
-                continue
-            pending.append((item, pixels))
-            if len(pending) >= batch_size:
-                score_pending()
-            if time.perf_counter() - last_flush > flush_every:
-                flush()
-                last_flush = time.perf_counter()
-        score_pending()
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (result.total, result.scored, result.failed, result.skipped_existing, dict(result.by_code)))
+        result.total, result.scored, result.failed, result.skipped_existing = (sum(g[k] for g in gathered) for k in range(4))
+        result.by_code = sum((Counter(g[4]) for g in gathered), Counter())
+        if rank == 0:
+            parts = [journal.path.with_name(f".{journal.out.name}.part-{r}-of-{world}") for r in range(world)]
+            merge_parts(journal.out, parts, [f.shown for f in files], journal.cols, journal.fmt)
+            journal.bytes_written += journal.out.stat().st_size
+        dist.barrier()
     finally:
-        flush()
-    result.by_code["ok"] = result.scored
-    result.seconds = time.perf_counter() - t0
-    return result
+        dist.destroy_process_group()
+
+
+def merge_parts(out: Path, parts: list[Path], order: list[str], cols: list[str], fmt: str) -> None:
+    """Join per-shard journals (each in input order, shard r = files whose key hashes to r) into `out`,
+    streaming; then remove them."""
+    line_fmt = "jsonl" if fmt == "jsonl" else "csv"
+    rows: dict[str, dict] = {}
+    for p in parts:
+        if p.exists():
+            _drop_torn_tail(p)
+            rows.update((r["path"], r) for r in _read_lines(p, line_fmt))
+    write_rows(out, (rows[k] for k in order if k in rows), cols, fmt)
+    for p in parts:
+        p.unlink(missing_ok=True)

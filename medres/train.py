@@ -4,6 +4,7 @@ Linear probe for `train.freeze_epochs` (backbone frozen, its BatchNorm statistic
 whole network with a discriminative LR (backbone at lr × backbone_lr_mult); AdamW; linear warm-up
 then cosine; bf16 autocast + channels_last; gradient clipping; class-weighted loss or balanced
 sampling; validation each epoch; atomic best/last checkpoints; exact resume; DDP under torchrun.
+Images come from the on-disk store (`data/store.py`), so memory does not grow with the data set.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from medres.config import Config, dump_config
-from medres.data.dataset import decode_all
+from medres.data.dataset import epoch_loader, open_store, stream
 from medres.data.manifest import Manifest, load_manifest
 from medres.data.splits import assign_splits, audit_leakage, splits_frame
+from medres.data.store import ImageStore
 from medres.data.transforms import AugmentSpec, augment
 from medres.errors import ConfigInvalid, ManifestInvalid, NonFiniteLoss, TrainingError
 from medres.files import atomic_path, atomic_write, csv_text
-from medres.inference import Predictor, autocast, normalise, resolve_device, resolve_precision, to_probs
+from medres.inference import Predictor, autocast, calibrate_meta, normalise, resolve_device, resolve_precision, to_probs
 from medres.io import PreprocessSpec
 from medres.io.cache import file_digest
-from medres.metrics import choose_thresholds, fit_temperature, macro_auroc
-from medres.model import ModelMeta, build_model, load_backbone_weights, load_source_weights, norm_for_channels, save_checkpoint, unwrap_model
+from medres.metrics import macro_auroc
+from medres.model import (
+    IMAGENET_MEAN, IMAGENET_STD, ModelMeta, SourceWeights, build_model, load_backbone_weights, load_source_weights, norm_for_channels,
+    read_weight_file, save_checkpoint, unwrap_model,
+)
 
 log = logging.getLogger(__name__)
 BEST, LAST, STATE = "model.safetensors", "last.safetensors", "state.pt"
@@ -124,16 +129,56 @@ def load_training_manifest(cfg: Config) -> Manifest:
     return load_manifest(cfg.data.manifest, classes=cfg.data.classes, task=cfg.data.task, root=cfg.data.root)
 
 
-def prepare_data(cfg: Config, out: Path | None, *, progress=None, manifest: Manifest | None = None) -> tuple[Manifest, np.ndarray, "object"]:
-    """Manifest → splits (with leakage audit) → decoded pixels. Rank 0 writes splits.csv."""
+def training_store(cfg: Config, manifest: Manifest) -> ImageStore:
+    return open_store(manifest, preprocess_spec(cfg), store_dir=cfg.data.store_dir, dtype=cfg.data.store_dtype, cache_dir=cfg.data.cache_dir)
+
+
+def prepare_data(cfg: Config, out: Path | None, *, progress=None, manifest: Manifest | None = None) -> tuple[Manifest, np.ndarray, ImageStore]:
+    """Manifest → splits → every row in the on-disk store (built or resumed once, reused after) →
+    leakage audit on the stored content digests. Rank 0 writes splits.csv and skipped.csv."""
     manifest = manifest if manifest is not None else load_training_manifest(cfg)
     splits = assign_splits(manifest, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed, group_by=cfg.data.group_by)
-    items = [(str(manifest.absolute(i)), manifest.frame["path"].iloc[i]) for i in range(len(manifest))]
-    decoded = decode_all(items, preprocess_spec(cfg), cache_dir=cfg.data.cache_dir, num_workers=cfg.train.num_workers, progress=progress)
-    audit_leakage(manifest, splits, group_by=cfg.data.group_by, digests=[d or f"missing-{i}" for i, d in enumerate(decoded.digests)], allow=cfg.data.allow_leakage)
+    store = training_store(cfg, manifest)
+    stats = store.ensure(workers=cfg.train.num_workers, progress=progress)
+    log.info("image store %s: %d rows decoded, %d reused (%.1fs)", store.folder, stats.decoded, stats.reused, stats.seconds)
+    audit_leakage(manifest, splits, group_by=cfg.data.group_by, digests=[d or f"missing-{i}" for i, d in enumerate(store.digests())], allow=cfg.data.allow_leakage)
     if out is not None and _rank()[0] == 0:
         atomic_write(out / "splits.csv", splits_frame(manifest, splits).to_csv(index=False))
-    return manifest, splits, decoded
+        if store.errors():  # each was logged as it was decoded; the list stays with the run
+            atomic_write(out / "skipped.csv", csv_text(["row", "code", "message"], [list(e) for e in store.errors()]))
+    return manifest, splits, store
+
+
+@dataclass
+class _Run:
+    """What the epochs share: data rows, model, optimiser and schedule."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    dtype: torch.dtype | None
+    store: ImageStore
+    targets: np.ndarray  # (N, C) by store row
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    model: torch.nn.Module  # what the steps call (DDP-wrapped under torchrun)
+    meta: ModelMeta
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: object
+    freeze_epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    rank: int = 0
+    world: int = 1
+    step: int = 0
+    best: float = -math.inf
+    stale: int = 0
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return unwrap_model(self.model)
 
 
 def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bool = True) -> dict:
@@ -143,7 +188,7 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
     root = logging.getLogger("medres")
     handlers = list(root.handlers)
     try:
-        return _fit(cfg, out, resume=resume, show_progress=show_progress)
+        return _fit(cfg, Path(out), resume=resume, show_progress=show_progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)
         for h in [h for h in root.handlers if h not in handlers]:  # this run's train.log: closed, so a
@@ -151,8 +196,9 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
             h.close()
 
 
-def _fit(cfg: Config, out: str | Path, *, resume: bool, show_progress: bool) -> dict:
-    out = Path(out)
+def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
+    from medres.progress import Progress  # printing belongs to the caller's terminal; quiet in tests
+
     device = resolve_device(cfg.train.device)
     distributed = _setup_distributed(device)
     rank, world = _rank()
@@ -173,42 +219,60 @@ def _fit(cfg: Config, out: str | Path, *, resume: bool, show_progress: bool) -> 
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
-    from medres.progress import Progress  # printing belongs to the caller's terminal; quiet in tests
-
     bar = Progress(enabled=show_progress and rank == 0)
     with bar.task("decode", total=None) as tick:
-        manifest, splits, decoded = prepare_data(cfg, out, progress=tick, manifest=manifest)
-    if decoded.errors and rank == 0:  # each was logged as it happened; the list stays with the run
-        atomic_write(out / "skipped.csv", csv_text(["row", "code", "message"], [list(e) for e in decoded.errors]))
-    train_mask = (splits == "train") & decoded.ok
-    val_mask = (splits == "val") & decoded.ok
-    if train_mask.sum() == 0:
+        manifest, splits, store = prepare_data(cfg, out, progress=tick, manifest=manifest)
+    run = _setup_run(cfg, out, device, manifest, splits, store, source, rank, world, distributed)
+    start_epoch = _restore(run) if resume else 0
+
+    history = []
+    with bar.task("train", total=(cfg.train.epochs - start_epoch) * run.steps_per_epoch) as tick:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            record = _train_epoch(run, epoch, tick)
+            if rank == 0:
+                history.append(_validate_and_checkpoint(run, epoch, record))
+            if distributed:
+                flags = torch.tensor([run.stale], dtype=torch.long)
+                dist.broadcast(flags, 0)
+                run.stale = int(flags.item())
+            if cfg.train.early_stopping and run.stale >= cfg.train.early_stopping:
+                log.info("early stopping after epoch %d", epoch + 1)
+                break
+
+    summary = {"run": str(out), "epochs": history, "best_score": run.best}
+    if rank == 0 and cfg.train.calibrate and len(run.val_rows):
+        summary["calibration"] = calibrate_run(out, store, run.val_rows, run.targets[run.val_rows], cfg, device, run.dtype)
+    store.close()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.ndarray, store: ImageStore, source, rank: int, world: int, distributed: bool) -> _Run:
+    """Rows, model (+ donor weights and their normalisation), optimiser and schedule."""
+    ok = store.ok_mask()
+    train_rows = np.nonzero((splits == "train") & ok)[0]
+    val_rows = np.nonzero((splits == "val") & ok)[0]
+    if len(train_rows) == 0:
         raise ManifestInvalid(f"{manifest.source}: no usable training images")
     y = manifest.targets
-    x_all = torch.from_numpy(decoded.pixels)
-    x_train, y_train = x_all[train_mask], y[train_mask]
-    x_val, y_val = x_all[val_mask], y[val_mask]
-    if (y_train.sum(0) == 0).any():
-        absent = [c for c, n in zip(cfg.data.classes, y_train.sum(0)) if n == 0]
+    if (y[train_rows].sum(0) == 0).any():
+        absent = [c for c, n in zip(cfg.data.classes, y[train_rows].sum(0)) if n == 0]
         raise ManifestInvalid(f"{manifest.source}: class {absent[0]!r} has no training images")
 
-    # Model, weights and normalisation that follows them.
     model = build_model(len(cfg.data.classes), in_channels=cfg.model.in_channels, dropout=cfg.model.dropout)
     if source is not None:
         load_backbone_weights(model, source)
         mean, std = norm_for_channels(source.mean, source.std, cfg.model.in_channels)
     else:
-        from medres.model import IMAGENET_MEAN, IMAGENET_STD
-
         mean, std = norm_for_channels(IMAGENET_MEAN, IMAGENET_STD, cfg.model.in_channels)
     model = model.to(device).to(memory_format=torch.channels_last) if cfg.train.channels_last else model.to(device)
     dtype = resolve_precision(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     train_model = model
     if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    base = unwrap_model(train_model)
     freeze_epochs, backbone_mult = cfg.train.freeze_epochs, cfg.train.backbone_lr_mult
     if source is None and (freeze_epochs or backbone_mult < 1):
         # Random weights: a linear probe on random features and a damped backbone LR only slow training down.
@@ -216,131 +280,128 @@ def _fit(cfg: Config, out: str | Path, *, resume: bool, show_progress: bool) -> 
         freeze_epochs, backbone_mult = 0, 1.0
     optimizer = torch.optim.AdamW(
         [
-            {"params": base.backbone_parameters(), "lr": cfg.train.lr * backbone_mult, "base_lr": cfg.train.lr * backbone_mult},
-            {"params": base.head_parameters(), "lr": cfg.train.lr, "base_lr": cfg.train.lr},
+            {"params": model.backbone_parameters(), "lr": cfg.train.lr * backbone_mult, "base_lr": cfg.train.lr * backbone_mult},
+            {"params": model.head_parameters(), "lr": cfg.train.lr, "base_lr": cfg.train.lr},
         ],
         weight_decay=cfg.train.weight_decay,
     )
-    steps_per_epoch = math.ceil(math.ceil(len(x_train) / world) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
-    loss_fn = _loss_fn(cfg, y_train, device)
-    aug = AugmentSpec(hflip=cfg.train.hflip)
     meta = ModelMeta(
         classes=list(cfg.data.classes), task=cfg.data.task, preprocess=asdict(preprocess_spec(cfg)), mean=mean, std=std,
         in_channels=cfg.model.in_channels, dropout=cfg.model.dropout, config_sha256=cfg.digest(),
         manifest_sha256=file_digest(Path(cfg.data.manifest)), weights_source=source.origin if source else "none",
+        store_dtype=cfg.data.store_dtype,
+    )
+    return _Run(
+        cfg=cfg, out=out, device=device, dtype=dtype, store=store, targets=y, train_rows=train_rows, val_rows=val_rows,
+        model=train_model, meta=meta, optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
+        loss_fn=_loss_fn(cfg, y[train_rows], device), freeze_epochs=freeze_epochs, steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * cfg.train.epochs, warmup=int(cfg.train.warmup_epochs * steps_per_epoch), rank=rank, world=world,
     )
 
-    start_epoch, best, step, stale = 0, -1.0, 0, 0
-    if resume:
-        state_path = out / STATE
-        if not state_path.is_file():
-            raise TrainingError(f"--resume: {state_path} not found")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        from medres.model import SourceWeights, read_weight_file
 
-        tensors, _ = read_weight_file(out / LAST)
-        load_backbone_weights(base, SourceWeights(tensors, "medres", tuple(mean), tuple(std), LAST), include_head=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best, step, stale = int(state["epoch"]) + 1, float(state["best"]), int(state["step"]), int(state["stale"])
-        log.info("resumed at epoch %d", start_epoch)
-
-    history = []
-    with bar.task("train", total=(cfg.train.epochs - start_epoch) * steps_per_epoch) as tick:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
-            frozen = epoch < freeze_epochs
-            _set_backbone_trainable(train_model, not frozen)
-            train_model.train()
-            if frozen:
-                _backbone_bn_eval(train_model)
-            order = _epoch_order(len(x_train), y_train, cfg, epoch, rank, world)
-            t0, seen, losses = time.perf_counter(), 0, []
-            for s in range(steps_per_epoch):
-                idx = torch.from_numpy(order[s * cfg.train.batch_size : (s + 1) * cfg.train.batch_size])
-                if len(idx) == 0:
-                    break
-                xb, yb = x_train[idx], torch.from_numpy(y_train[idx.numpy()])
-                if cfg.train.augment:
-                    xb = augment(xb, gen, aug)
-                xb = normalise(xb.to(device), mean, std, cfg.model.in_channels)
-                if cfg.train.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                factor = _lr_factor(step, total_steps, warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
-                with autocast(device, dtype):
-                    logits = train_model(xb)
-                loss = loss_fn(logits, yb.to(device))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {s + 1}; the last good checkpoint in {out} is kept")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.train.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for p in train_model.parameters() if p.requires_grad], cfg.train.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                seen += len(idx)
-                losses.append(float(loss.detach()))
-                tick(loss=losses[-1], ips=seen * world / (time.perf_counter() - t0))
-            train_time = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "frozen": frozen, "train_loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen * world / max(train_time, 1e-9)}
-            if rank == 0:
-                if len(x_val):
-                    logits_val = Predictor(base.eval(), meta, device, dtype, cfg.train.channels_last).logits_batched(x_val, cfg.train.batch_size * 2)
-                    probs = to_probs(logits_val, cfg.data.task)
-                    record["val_loss"] = float(loss_fn(torch.from_numpy(logits_val).to(device), torch.from_numpy(y_val).to(device)))
-                    record["val_macro_auroc"] = macro_auroc(y_val, probs)
-                score = record.get("val_macro_auroc", float("nan"))
-                score = -record.get("val_loss", record["train_loss"]) if math.isnan(score) else score
-                improved = score > best
-                meta.epoch, meta.val_auroc = epoch + 1, record.get("val_macro_auroc")
-                save_checkpoint(out / LAST, base, meta)
-                if improved:
-                    best, stale = score, 0
-                    save_checkpoint(out / BEST, base, meta)
-                else:
-                    stale += 1
-                with atomic_path(out / STATE) as tmp:
-                    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best, "step": step, "stale": stale}, tmp)
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                log.info("epoch %s", json.dumps(record))
-                history.append(record)
-            if distributed:
-                flags = torch.tensor([stale], dtype=torch.long)
-                dist.broadcast(flags, 0)
-                stale = int(flags.item())
-            if cfg.train.early_stopping and stale >= cfg.train.early_stopping:
-                log.info("early stopping after epoch %d", epoch + 1)
-                break
-
-    summary = {"run": str(out), "epochs": history, "best_score": best}
-    if rank == 0 and cfg.train.calibrate and len(x_val):
-        summary["calibration"] = calibrate_run(out, x_val, y_val, cfg, device, dtype)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
+def _restore(run: _Run) -> int:
+    """--resume: weights, optimiser and counters from the run folder; returns the next epoch."""
+    state_path = run.out / STATE
+    if not state_path.is_file():
+        raise TrainingError(f"--resume: {state_path} not found")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    tensors, _ = read_weight_file(run.out / LAST)
+    load_backbone_weights(run.base, SourceWeights(tensors, "medres", tuple(run.meta.mean), tuple(run.meta.std), LAST), include_head=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.step, run.best, run.stale = int(state["step"]), float(state["best"]), int(state["stale"])
+    log.info("resumed at epoch %d", int(state["epoch"]) + 1)
+    return int(state["epoch"]) + 1
 
 
-def calibrate_run(out: Path, x_val: torch.Tensor, y_val: np.ndarray, cfg: Config, device, dtype) -> dict:
+def _train_epoch(run: _Run, epoch: int, tick) -> dict:
+    """One pass over this rank's share of the epoch; batches come from the store through a DataLoader."""
+    cfg = run.cfg
+    torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
+    frozen = epoch < run.freeze_epochs
+    _set_backbone_trainable(run.model, not frozen)
+    run.model.train()
+    if frozen:
+        _backbone_bn_eval(run.model)
+    order = _epoch_order(len(run.train_rows), run.targets[run.train_rows], cfg, epoch, run.rank, run.world)
+    batches = [run.train_rows[order[s * cfg.train.batch_size : (s + 1) * cfg.train.batch_size]] for s in range(run.steps_per_epoch)]
+    loader = epoch_loader(run.store, [b for b in batches if len(b)], run.targets, workers=cfg.train.loader_workers, pin_memory=run.device.type == "cuda")
+    aug = AugmentSpec(hflip=cfg.train.hflip)
+    t0, seen, losses = time.perf_counter(), 0, []
+    for s, (xb, yb) in enumerate(loader):
+        if cfg.train.augment:
+            xb = augment(xb, gen, aug)
+        xb = normalise(xb.to(run.device, non_blocking=True), run.meta.mean, run.meta.std, cfg.model.in_channels)
+        if cfg.train.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        losses.append(_train_step(run, xb, yb.to(run.device, non_blocking=True), epoch, s))
+        seen += len(yb)
+        tick(loss=losses[-1], ips=seen * run.world / (time.perf_counter() - t0))
+    train_time = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "frozen": frozen, "train_loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen * run.world / max(train_time, 1e-9)}
+
+
+def _train_step(run: _Run, xb: torch.Tensor, yb: torch.Tensor, epoch: int, s: int) -> float:
+    factor = _lr_factor(run.step, run.total_steps, run.warmup)
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    with autocast(run.device, run.dtype):
+        logits = run.model(xb)
+    loss = run.loss_fn(logits, yb)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {s + 1}; the last good checkpoint in {run.out} is kept")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.train.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.train.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    return float(loss.detach())
+
+
+def _validate_and_checkpoint(run: _Run, epoch: int, record: dict) -> dict:
+    """Rank 0: validation metrics, last/best checkpoints, resume state and metrics.jsonl."""
+    cfg, out = run.cfg, run.out
+    if len(run.val_rows):
+        predictor = Predictor(run.base.eval(), run.meta, run.device, run.dtype, cfg.train.channels_last)
+        logits_val = predictor.logits_of(stream(run.store, run.val_rows, cfg.train.batch_size * 2))
+        y_val = run.targets[run.val_rows]
+        record["val_loss"] = float(run.loss_fn(torch.from_numpy(logits_val).to(run.device), torch.from_numpy(y_val).to(run.device)))
+        record["val_macro_auroc"] = macro_auroc(y_val, to_probs(logits_val, cfg.data.task))
+    # Best = highest validation AUROC; without one, lowest validation (else training) loss. -inf start:
+    # any finite first score is an improvement, so model.safetensors always exists after epoch 1.
+    score = record.get("val_macro_auroc", float("nan"))
+    score = -record.get("val_loss", record["train_loss"]) if math.isnan(score) else score
+    run.meta.epoch, run.meta.val_auroc = epoch + 1, record.get("val_macro_auroc")
+    save_checkpoint(out / LAST, run.base, run.meta)
+    if score > run.best or not (out / BEST).exists():
+        run.best, run.stale = score, 0
+        save_checkpoint(out / BEST, run.base, run.meta)
+    else:
+        run.stale += 1
+    with atomic_path(out / STATE) as tmp:
+        torch.save({"optimizer": run.optimizer.state_dict(), "epoch": epoch, "best": run.best, "step": run.step, "stale": run.stale}, tmp)
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    log.info("epoch %s", json.dumps(record))
+    return record
+
+
+def calibrate_run(out: Path, store: ImageStore, val_rows: np.ndarray, y_val: np.ndarray, cfg: Config, device, dtype) -> dict:
     """Temperature scaling and operating points, fitted on validation only, stored in the checkpoint."""
     from medres.model import load_checkpoint
 
     model, meta = load_checkpoint(out / BEST, device)
-    logits = Predictor(model.to(memory_format=torch.channels_last), meta, device, dtype).logits_batched(x_val, cfg.train.batch_size * 2)
-    meta.temperature = fit_temperature(logits, y_val, meta.task)
-    probs = to_probs(logits, meta.task, meta.temperature)
-    meta.thresholds, meta.threshold_method = choose_thresholds(y_val, probs, target_sensitivity=cfg.eval.target_sensitivity)
+    predictor = Predictor(model.to(memory_format=torch.channels_last), meta, device, dtype)
+    logits = predictor.logits_of(stream(store, val_rows, cfg.train.batch_size * 2))
+    result = calibrate_meta(meta, logits, y_val, target_sensitivity=cfg.eval.target_sensitivity)
     save_checkpoint(out / BEST, model, meta)
-    return {"temperature": meta.temperature, "thresholds": meta.thresholds, "method": meta.threshold_method}
+    return result
 
 
 def _attach_log(path: Path) -> None:

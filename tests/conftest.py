@@ -41,6 +41,18 @@ def trained_run(tmp_path_factory, phantoms) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _image_store_in_tmp(tmp_path_factory):
+    """Decoded-image stores go to a session folder, never the user's ~/.cache (subprocesses inherit it)."""
+    old = os.environ.get("MEDRES_STORE_DIR")
+    os.environ["MEDRES_STORE_DIR"] = str(tmp_path_factory.mktemp("store"))
+    yield
+    if old is None:
+        os.environ.pop("MEDRES_STORE_DIR", None)
+    else:
+        os.environ["MEDRES_STORE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _reset_medres_logging():
     yield

@@ -137,3 +137,27 @@ def test_in_process_decoding_keeps_the_callers_threads(trained_run, mixed, tmp_p
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_torchrun_two_ranks_score_every_file_once(trained_run, phantoms, tmp_path):
+    """`torchrun --nproc_per_node 2 -m medres predict`: each rank scores its hash share, rank 0 joins
+    them into one table equal to a single-process run (2 gloo processes on CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt = str(trained_run / "model.safetensors")
+    images = phantoms.parent / "images"
+    single = tmp_path / "single.csv"
+    predict(ckpt, [images], single, precision="fp32", workers=0)
+    out = tmp_path / "dist.csv"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", "-m", "medres", "predict",
+           "--checkpoint", ckpt, str(images), "--out", str(out), "-q", "--workers", "0", "--precision", "fp32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = pd.read_csv(out), pd.read_csv(single)
+    assert list(a["path"]) == list(b["path"]) and a["path"].is_unique
+    cols = [c for c in a.columns if c.startswith("prob_")]
+    assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-5
+    assert f"{len(b)} files: {len(b)} scored" in r.stdout  # rank 0 prints the totals over both ranks
+    assert not [p for p in tmp_path.iterdir() if ".part-" in p.name]

@@ -1,78 +1,60 @@
-"""Decode a manifest once (in worker processes, through the cache) into one in-memory tensor.
+"""From a manifest to batches: the manifest's images live in an on-disk store (`store.py`), and training,
+evaluation and calibration read batches from it, so memory does not grow with the number of images.
 
-At 224 px a chest X-ray is 200 KB as float32, so even 10,000 images fit in 2 GB; decoding once per
-run (and once ever with the cache) makes every epoch after the first compute-bound.
+- `open_store`: the store for a manifest under a preprocessing spec (built or resumed on demand).
+- `epoch_loader`: a torch `DataLoader` over one epoch's batches (workers, prefetch, pinned memory on
+  CUDA); each item is a whole batch, so one worker call reads 32 rows with 32 `pread`s.
+- `stream`: batches of given rows in order, for validation and scoring.
 """
 
 from __future__ import annotations
 
-import logging
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-from medres.errors import IngestError, MedresError
-from medres.io import ImageCache, PreprocessSpec, load_image
-from medres.io.cache import file_digest
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Decoded:
-    pixels: np.ndarray  # (N, S, S) float32, rows whose file failed are zeros
-    ok: np.ndarray  # (N,) bool
-    errors: list[tuple[int, str, str]]  # (row, code, one-line message)
-    digests: list[str]
+from medres.data.manifest import Manifest
+from medres.data.store import ImageStore
+from medres.io import PreprocessSpec
 
 
-def _decode_one(args: tuple[str, str, PreprocessSpec, str | None]) -> tuple[np.ndarray | None, str, str | None, str]:
-    full, shown, spec, cache_dir = args
-    try:
-        digest = file_digest(Path(full))
-    except OSError:
-        digest = ""
-    try:
-        loaded = load_image(full, spec, display_path=shown, cache=ImageCache(cache_dir) if cache_dir else None, content_digest=digest or None)
-        return loaded.pixels, digest, None, ""
-    except IngestError as err:
-        return None, digest, err.code, err.one_line()
+def manifest_items(manifest: Manifest) -> list[tuple[str, str]]:
+    """(absolute path, path as written in the manifest) for every row."""
+    paths = manifest.frame["path"].tolist()
+    return [(str(manifest.absolute(i)), paths[i]) for i in range(len(manifest))]
 
 
-def decode_all(
-    items: list[tuple[str, str]],
-    spec: PreprocessSpec,
-    *,
-    cache_dir: str | Path | None = None,
-    num_workers: int = 0,
-    progress=None,
-) -> Decoded:
-    """items: (absolute path, display path). Bad files are reported, not raised."""
-    n = len(items)
-    pixels = np.zeros((n, spec.image_size, spec.image_size), dtype=np.float32)
-    ok = np.zeros(n, dtype=bool)
-    errors: list[tuple[int, str, str]] = []
-    digests = [""] * n
-    jobs = [(str(full), shown, spec, str(cache_dir) if cache_dir else None) for full, shown in items]
-    if num_workers > 0 and n > 8:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            results = pool.map(_decode_one, jobs, chunksize=max(1, n // (num_workers * 8)))
-            _collect(results, pixels, ok, errors, digests, progress)
-    else:
-        _collect(map(_decode_one, jobs), pixels, ok, errors, digests, progress)
-    return Decoded(pixels, ok, errors, digests)
+def open_store(manifest: Manifest, spec: PreprocessSpec, *, store_dir: str | Path | None = None, dtype: str = "uint8", cache_dir: str | Path | None = None) -> ImageStore:
+    return ImageStore.open(manifest_items(manifest), spec, root=store_dir, dtype=dtype, cache_dir=cache_dir)
 
 
-def _collect(results, pixels, ok, errors, digests, progress) -> None:
-    for i, (arr, digest, code, message) in enumerate(results):
-        digests[i] = digest
-        if arr is None:
-            errors.append((i, code or MedresError.code, message))
-            log.warning(message)
-        else:
-            pixels[i] = arr
-            ok[i] = True
-        if progress is not None:
-            progress()
+class _Batches(Dataset):
+    """Item k = (pixels (B, S, S) float32 in [0, 1], targets (B, C)) of the k-th batch."""
+
+    def __init__(self, store: ImageStore, batches: list[np.ndarray], targets: np.ndarray):
+        self.store, self.batches, self.targets = store, batches, targets
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.batches[k]
+        return torch.from_numpy(self.store.read(rows)), torch.from_numpy(self.targets[rows])
+
+
+def epoch_loader(store: ImageStore, batches: list[np.ndarray], targets: np.ndarray, *, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """`batches`: store rows of each step, in order. `targets`: (N_store, C) indexed by store row."""
+    return DataLoader(
+        _Batches(store, batches, targets), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+
+
+def stream(store: ImageStore, rows: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+    """(B, S, S) float32 batches of `rows`, in order (rows must already be in the store)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    for i in range(0, len(rows), batch_size):
+        yield torch.from_numpy(store.read(rows[i : i + batch_size]))

@@ -47,31 +47,64 @@ def test_n_inputs_k_bad(trained_run, tmp_path):
 
 # 13 -----------------------------------------------------------------------------------------------
 def test_kill_9_then_resume(trained_run, tmp_path):
+    """kill -9 mid-run leaves the journal of finished rows (no final table yet); --resume keeps them,
+    scores the rest, and the final table has every file exactly once, equal to an uninterrupted run."""
     d = tmp_path / "many"
     d.mkdir()
     for i in range(150):
         png(d / f"{i:03d}.png", i)
     ckpt = str(trained_run / "model.safetensors")
     out = tmp_path / "o.csv"
+    journal = tmp_path / ".o.csv.partial"
     cmd = [sys.executable, "-m", "medres", "predict", "--checkpoint", ckpt, str(d), "--out", str(out), "-q", "--workers", "1", "--batch-size", "4", "--flush-every", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and out.stat().st_size > 2000):
-        time.sleep(0.05)
+    while time.time() < deadline and not (journal.exists() and journal.read_bytes().count(b"\n") > 20):
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    if out.exists():  # the previous complete file: every row whole, none half-written
-        df = pd.read_csv(out)
-        assert len(df) < 150 and df["status"].eq("ok").all() and df["prob_normal"].notna().all()
+    assert not out.exists()  # the table appears only when complete
+    kept = pd.read_csv(journal)
+    assert 20 <= len(kept) < 150 and kept["status"].eq("ok").all() and kept["prob_normal"].notna().all()
+    assert list(kept["path"]) == [f"{i:03d}.png" for i in range(len(kept))]  # rows leave in input order
     r = runner.invoke(app, ["predict", "--checkpoint", ckpt, str(d), "--out", str(out), "-q", "--resume", "--workers", "1"])
     assert r.exit_code == 0, r.output
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.csv")]  # stale temp files cleaned
+    assert f"{len(kept)} already done" in r.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.csv")]  # journal and temp files gone
     full = tmp_path / "full.csv"
     predict(ckpt, [d], full, workers=1)
     a, b = pd.read_csv(out), pd.read_csv(full)
-    assert list(a["path"]) == list(b["path"])
+    assert list(a["path"]) == list(b["path"]) and a["path"].is_unique
     cols = [c for c in a.columns if c.startswith("prob_")]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-5
+
+
+def test_torn_journal_line_is_dropped_on_resume(trained_run, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(6):
+        png(d / f"{i}.png", i)
+    ckpt = trained_run / "model.safetensors"
+    predict(ckpt, [d], tmp_path / "full.csv", workers=0)
+    lines = (tmp_path / "full.csv").read_text().splitlines(keepends=True)
+    (tmp_path / ".o.csv.partial").write_text("".join(lines[:3]) + lines[3][:15])  # killed mid-write
+    res = predict(ckpt, [d], tmp_path / "o.csv", workers=0, resume=True)
+    assert res.skipped_existing == 2 and res.scored == 4
+    assert (tmp_path / "o.csv").read_text() == (tmp_path / "full.csv").read_text()
+
+
+def test_output_bytes_written_are_about_the_table(trained_run, tmp_path):
+    """Flushing appends only new rows: a run with a flush after every batch writes ~1x the table,
+    not the O(N^2) of rewriting it each time."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(60):
+        png(d / f"{i:02d}.png", i)
+    for fmt in ("csv", "jsonl"):
+        out = tmp_path / f"o.{fmt}"
+        res = predict(trained_run / "model.safetensors", [d], out, fmt=fmt, workers=0, batch_size=4, flush_every=0)
+        assert res.bytes_written <= 1.2 * out.stat().st_size, (fmt, res.bytes_written, out.stat().st_size)
+        assert len(out.read_text().splitlines()) == 60 + (fmt == "csv")
 
 
 # 14 -----------------------------------------------------------------------------------------------
