@@ -24,9 +24,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_pointing")
     args = ap.parse_args()
-    from medres.cam import compute_cam, pointing_game, randomised_copy, upsample
+    from medres.cam import compute_cam, upsample
     from medres.config import load_config
-    from medres.data.synthetic import held_out_lesions, make_dataset
+    from medres.data.synthetic import make_dataset
+    from medres.localisation import held_out_lesions, pointing_game, randomised_copy
     from medres.train import fit
 
     manifest = make_dataset(args.out / "data", n_per_class=args.n_per_class, size=128, classes=("normal", "opacity"), seed=5, dicom_fraction=0.1)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, machine, save, table
+from _common import machine, save, table
 
 CLASSES = ("normal", "opacity")
 

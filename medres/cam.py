@@ -157,29 +157,39 @@ def upsample(maps: torch.Tensor, size: int, *, anchor: float | None = 0.0) -> to
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def pointing_game(heat, masks, tolerance: float = 0.0) -> float:
-    """Fraction of heatmaps whose peak lies within `tolerance` pixels of their lesion mask (0: on
-    the mask) — the pointing game of Zhang et al. (2016). heat: (N, H, W); masks: N bool (H, W)."""
-    import numpy as np
+class _ClassScores(nn.Module):
+    """The model's per-class target scores (log-odds or logits), for occlusion."""
 
-    hits = 0
-    for h, m in zip(heat, masks):
-        y, x = np.unravel_index(np.argmax(np.asarray(h)), m.shape)
-        ys, xs = np.nonzero(m)
-        hits += bool(len(ys)) and np.sqrt((ys - y) ** 2 + (xs - x) ** 2).min() <= tolerance
-    return hits / max(len(masks), 1)
+    def __init__(self, model: nn.Module, score: str):
+        super().__init__()
+        self.model, self.score = model, score
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x).float()
+        if self.score == "logit":
+            return z
+        n = z.shape[1]
+        return torch.stack([_score(z, torch.full((z.shape[0],), k, dtype=torch.long, device=z.device), self.score) for k in range(n)], 1)
 
 
-def randomised_copy(model: nn.Module, layers: tuple[str, ...] = ("layer4", "fc"), seed: int = 1) -> nn.Module:
-    """A copy of `model` with `layers` re-initialised — the model-randomisation sanity check of
-    Adebayo et al. (2018): maps that survive it do not depend on what those layers learned."""
-    import copy
+def occlusion_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, score: str = "log_odds", cells: int = 14) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Occlusion sensitivity through MONAI (`monai.visualize.OcclusionSensitivity`): a model-agnostic
+    check on Grad-CAM. Each position's map value is how much the target score (same units as the CAM
+    target: log-odds or logit) drops when a patch around it is replaced by the image mean; only drops
+    count (ReLU), as in Grad-CAM. x: normalised (B, C, S, S); targets (B, K) with -1 padding.
+    Returns (B, K, S, S) maps at input resolution and the occlusion grid (cells × cells patches with
+    50% overlap: cost = cells² forward passes per image)."""
+    from monai.visualize import OcclusionSensitivity
 
-    rand = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for name in layers:
-            for mod in find_layer(rand, name).modules():
-                if hasattr(mod, "reset_parameters"):
-                    mod.reset_parameters()
-    return rand
+    size = x.shape[-1]
+    mask = max(2, int(round(2 * size / (cells + 1))))
+    wrapped = _ClassScores(model, score).eval()
+    occ = OcclusionSensitivity(nn_module=wrapped, mask_size=mask, n_batch=32, overlap=0.5, mode="mean_img", activate=False, verbose=False)
+    with torch.no_grad():
+        base = wrapped(x)  # (B, n_classes)
+        # (B, n_classes, S, S): the scores with the patch at each position occluded; MONAI takes one image a call
+        occluded = torch.cat([torch.as_tensor(occ(x[i : i + 1])[0]) for i in range(len(x))])
+    drop = F.relu(base[:, :, None, None] - occluded)
+    t = targets.clamp(min=0)
+    maps = drop.gather(1, t[:, :, None, None].expand(-1, -1, size, size)) * (targets >= 0)[:, :, None, None]
+    return maps, (cells, cells)

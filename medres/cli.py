@@ -12,12 +12,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from medres import __version__
-from medres.errors import MedresError, UsageError, WeightsError
+from medres.errors import MedresError, UsageError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help="medres: fine-tune, evaluate, score and explain a ResNet50 on chest X-rays. Research use only — not for diagnosis.")
 manifest_app = typer.Typer(no_args_is_help=True, help="Build and check CSV manifests.")
@@ -37,26 +37,48 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details, and other libraries' messages, to stderr."),
 ) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    configure_console_logging(verbose)
+
+
+def configure_console_logging(verbose: bool) -> None:
+    """medres's own warnings (INFO with --verbose) go to stderr. Other libraries' records (e.g.
+    pydicom's traceback when its first decoder fails and the next one succeeds) reach the console
+    only with --verbose; without it a NullHandler on the root keeps Python's last-resort handler
+    from printing them."""
+    medres_log, root = logging.getLogger("medres"), logging.getLogger()
+    for logger in (medres_log, root):
+        for h in [h for h in logger.handlers if getattr(h, "_medres_console", False)]:
+            logger.removeHandler(h)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger("medres").setLevel(logging.INFO)
+    quiet: logging.Handler = logging.NullHandler()
+    for h in (handler, quiet):
+        h._medres_console = True  # type: ignore[attr-defined]
+    (root if verbose else medres_log).addHandler(handler)
+    if not verbose:
+        root.addHandler(quiet)
+    medres_log.setLevel(logging.INFO)
 
 
-def _run(fn, *, weights_exit: int | None = None):
+def _run(fn):
     """Run a library call; a MedresError becomes one line on stderr and its exit code."""
     try:
         return fn()
     except MedresError as err:
         _err(err.one_line())
-        code = weights_exit if (weights_exit is not None and isinstance(err, WeightsError)) else err.exit_code
-        raise typer.Exit(code) from None
+        raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130) from None
+
+
+def _voi_choice(value: str) -> str:
+    if value in ("auto", "none", "minmax") or value.isdigit():
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of 'auto', 'none', 'minmax' or a window index (0, 1, ...)")
 
 
 def _console():
@@ -184,12 +206,12 @@ def predict(
     inputs: List[Path] = typer.Argument(..., help="Files, folders (recursive) or a manifest CSV."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
     out: Path = typer.Option(..., "--out", help="Output table."),
-    fmt: str = typer.Option("csv", "--format", help="csv, jsonl or parquet."),
+    fmt: Literal["csv", "jsonl", "parquet"] = typer.Option("csv", "--format", help="csv, jsonl or parquet."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
-    precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32."),
-    backend: str = typer.Option("torch", "--backend", help="torch or onnx."),
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32."),
+    backend: Literal["torch", "onnx"] = typer.Option("torch", "--backend", help="torch or onnx (needs --onnx)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model for --backend onnx."),
     tta: bool = typer.Option(False, "--tta", help="Average mild affine variants."),
     shard_: Optional[str] = typer.Option(None, "--shard", help="i/n: score only this machine's share (under torchrun the ranks share the inputs by themselves)."),
@@ -221,7 +243,7 @@ def predict(
 
             return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n))
 
-    result = _run(go, weights_exit=3)
+    result = _run(go)
     rate = (result.scored + result.failed) / max(result.seconds, 1e-9)
     typer.echo(f"{result.total} files: {result.scored} scored, {result.failed} failed, {result.skipped_existing} already done ({rate:.1f} images/s) -> {result.out}")
     for code, n in sorted(result.by_code.items()):
@@ -233,17 +255,19 @@ def predict(
 @app.command()
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx."),
-    out: Path = typer.Option(..., "--out", help="Output model file."),
+    fmt: Literal["onnx", "monai-bundle"] = typer.Option("onnx", "--format", help="onnx (a model file) or monai-bundle (a folder for MONAI Deploy / MONAI Label)."),
+    out: Path = typer.Option(..., "--out", help="Output model file (onnx) or folder (monai-bundle)."),
 ) -> None:
     """Export for deployment with a parity check (max |Δprob| ≤ 1e-4 vs torch fp32).
 
     Example: medres export --checkpoint runs/covid/model.safetensors --format onnx --out model.onnx
+    Example: medres export --checkpoint runs/covid/model.safetensors --format monai-bundle --out covid_bundle
     """
     from medres.export import export as run_export
 
-    result = _run(lambda: run_export(checkpoint, out, fmt=fmt), weights_exit=3)
-    typer.echo(f"wrote {result['out']} (opset {result['opset']}, parity max |Δprob| {result['max_abs_prob_diff']:.2e})")
+    result = _run(lambda: run_export(checkpoint, out, fmt=fmt))
+    opset = f"opset {result['opset']}, " if result.get("opset") else ""
+    typer.echo(f"wrote {result['out']} ({opset}parity max |Δprob| {result['max_abs_prob_diff']:.2e})")
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -252,16 +276,17 @@ def report(
     inputs: List[Path] = typer.Argument(..., help="Files, folders or a manifest CSV."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
     out: Path = typer.Option(..., "--out", help="Report folder (index.html, cases/)."),
-    method: str = typer.Option("gradcam", "--method", help="gradcam or gradcam++."),
+    method: Literal["gradcam", "gradcam++", "occlusion"] = typer.Option("gradcam", "--method", help="gradcam, gradcam++, or occlusion (MONAI OcclusionSensitivity: model-agnostic, 196 forward passes per image)."),
     layer: str = typer.Option("layer4", "--layer", help="Module name for the CAM: layer4 gives image_size/32 cells per side, layer3 image_size/16."),
     class_: Optional[str] = typer.Option(None, "--class", help="Explain this class instead of the prediction."),
-    normalize: str = typer.Option("shared", "--normalize", help="shared (absolute scale across the report) or per-image."),
+    normalize: Literal["shared", "per-image"] = typer.Option("shared", "--normalize", help="shared (absolute scale across the report) or per-image."),
     weight_by_probability: bool = typer.Option(False, "--weight-by-probability", help="Multiply each heatmap by its class probability."),
     include_identifiers: bool = typer.Option(False, "--include-identifiers", help="Keep DICOM patient/study identifiers in Secondary Captures."),
     dicom_sc: bool = typer.Option(False, "--dicom-sc", help="Also write overlays as DICOM Secondary Capture for DICOM inputs."),
     faithfulness: bool = typer.Option(False, "--faithfulness", help="Deletion/insertion AUC per case."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N files."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1, at most 4)."),
 ) -> None:
     """Per-case Grad-CAM heatmap reports (HTML, offline).
 
@@ -269,7 +294,7 @@ def report(
     """
     from medres.report import report as run_report
 
-    summary = _run(lambda: run_report(checkpoint, list(inputs), out, method=method, layer=layer, target_class=class_, normalize=normalize, weight_by_probability=weight_by_probability, include_identifiers=include_identifiers, dicom_sc=dicom_sc, faithfulness=faithfulness, limit=limit, device=device), weights_exit=3)
+    summary = _run(lambda: run_report(checkpoint, list(inputs), out, method=method, layer=layer, target_class=class_, normalize=normalize, weight_by_probability=weight_by_probability, include_identifiers=include_identifiers, dicom_sc=dicom_sc, faithfulness=faithfulness, limit=limit, device=device, workers=workers))
     typer.echo(f"{summary['cases']} cases ({summary['failed']} failed) -> {out / 'index.html'}")
     raise typer.Exit(1 if summary["failed"] else 0)
 
@@ -280,44 +305,25 @@ def inspect(
     files: List[Path] = typer.Argument(..., help="Image files."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write <stem>.npy (model input) and <stem>.json (record)."),
     size: int = typer.Option(224, "--size", help="Model input size."),
-    resize: str = typer.Option("letterbox", "--resize", help="letterbox, crop or stretch."),
-    voi: str = typer.Option("auto", "--voi", help="auto, none, minmax or a window index."),
+    resize: Literal["letterbox", "crop", "stretch"] = typer.Option("letterbox", "--resize", help="letterbox, crop or stretch."),
+    voi: str = typer.Option("auto", "--voi", callback=_voi_choice, help="auto, none, minmax or a window index."),
 ) -> None:
     """Show how each file is decoded: modality, photometric, bits, transfer syntax, steps, geometry.
 
     Example: medres inspect scan.dcm --out inspected/
     """
-    import numpy as np
-
-    from medres.errors import IngestError
-    from medres.files import atomic_write
-    from medres.io import PreprocessSpec, load_image
+    from medres.io import PreprocessSpec
+    from medres.io.inspect import describe, inspect_files
 
     spec = PreprocessSpec(image_size=size, resize=resize, voi=int(voi) if voi.isdigit() else voi)
     failed = 0
-    for f in files:
-        try:
-            loaded = load_image(f, spec, display_path=f.name)
-        except IngestError as err:
-            _err(err.one_line())
+    for f, result in inspect_files(files, spec, out=out):
+        if isinstance(result, MedresError):
+            _err(result.one_line())
             failed += 1
             continue
-        r = loaded.record
-        g = r.geometry
-        typer.echo(f"{f.name}: {r.format} modality={r.modality or '-'} photometric={r.photometric or '-'} bits={r.bits_stored}/{r.bits_allocated or '-'} transfer_syntax={r.transfer_syntax or '-'}")
-        for s in r.steps:
-            typer.echo(f"  - {s}")
-        for w in r.warnings:
-            typer.echo(f"  ! {w}")
-        typer.echo(f"  geometry: {g.original_height}x{g.original_width} -> {g.size}x{g.size} {g.mode} scale=({g.scale_y:.4f},{g.scale_x:.4f}) offset=({g.offset_y:g},{g.offset_x:g})")
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            from medres.files import atomic_path
-
-            with atomic_path(out / f"{f.stem}.npy") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, loaded.pixels, allow_pickle=False)
-            atomic_write(out / f"{f.stem}.json", json.dumps(r.to_dict(), indent=2))
+        for line in describe(f.name, result.record):
+            typer.echo(line)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -331,22 +337,10 @@ def manifest_build(
 
     Example: medres manifest build data/xrays --out data/xrays/manifest.csv
     """
-    import os
-
-    from medres.data.manifest import build_manifest
-    from medres.files import atomic_write, csv_text
+    from medres.data.manifest import write_manifest
 
     def go():
-        from medres.errors import OutputExists
-
-        if out.exists() and not overwrite:
-            raise OutputExists(f"{out} exists; pass --overwrite to replace it")
-        df = build_manifest(folder)
-        rel = os.path.relpath(folder.resolve(), out.resolve().parent)
-        if rel != ".":
-            df["path"] = [str(Path(rel) / p).replace(os.sep, "/") for p in df["path"]]
-        atomic_write(out, csv_text(list(df.columns), df.values.tolist()))
-        return df
+        return write_manifest(folder, out, overwrite=overwrite)
 
     df = _run(go)
     typer.echo(f"wrote {out}: {len(df)} images, {df['label'].nunique()} classes; check patient_id (default: file name before the first '_')")
@@ -394,7 +388,7 @@ def manifest_check(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo folder."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Config (default: the packaged configs/demo.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config (default: the packaged demo.yaml, linked as configs/demo.yaml)."),
     set_: List[str] = typer.Option([], "--set", help="Override a key."),
 ) -> None:
     """Synthetic phantoms -> train -> evaluate -> Grad-CAM report, in a few minutes on 2 CPU cores.

@@ -3,24 +3,15 @@ library functions the CLI commands call."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from medres.config import load_config
 
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data; configs/demo.yaml links here
 
 
 def default_demo_config() -> Path:
-    """configs/demo.yaml from the source tree; an installed wheel writes the embedded copy
-    (`medres.demo_config.DEMO_YAML`, kept identical by a test) to a temp file."""
-    if REPO_CONFIG.is_file():
-        return REPO_CONFIG
-    from medres.demo_config import DEMO_YAML
-
-    path = Path(tempfile.mkdtemp(prefix="medres-demo-")) / "demo.yaml"
-    path.write_text(DEMO_YAML, encoding="utf-8")
-    return path
+    return DEMO_CONFIG
 
 
 def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: list[str] | None = None, n_per_class: int = 100, show_progress: bool = True) -> dict:

@@ -98,8 +98,6 @@ BLOCKS = {"cli": cli_reference_md, "config": config_reference_md, "errors": erro
 
 
 def render(text: str) -> str:
-    import medres.export  # noqa: F401 — registers EXPORT_PARITY
-
     for name, fn in BLOCKS.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         text = pattern.sub(lambda m: m.group(1) + fn() + m.group(2), text)

@@ -137,6 +137,11 @@ class NonFiniteLoss(TrainingError):
     code = "NON_FINITE_LOSS"
 
 
+class ExportParityError(MedresError):
+    code = "EXPORT_PARITY"
+    exit_code = 1
+
+
 def all_codes() -> dict[str, type[MedresError]]:
     """Every stable code, for the README's error table and its test."""
     out: dict[str, type[MedresError]] = {}

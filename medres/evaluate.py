@@ -3,7 +3,6 @@ scaling, operating points from validation, subgroup audit, per-case CSV, plots a
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from medres.data.dataset import open_store, stream
 from medres.data.manifest import Manifest, load_manifest
@@ -143,6 +141,8 @@ def column_predictability(logits: np.ndarray, values: np.ndarray, patients: np.n
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     uniq, counts = np.unique(values, return_counts=True)
     if len(uniq) < 2 or counts.min() < 3 or len(np.unique(patients)) < 5:
@@ -151,7 +151,10 @@ def column_predictability(logits: np.ndarray, values: np.ndarray, patients: np.n
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            proba = cross_val_predict(LogisticRegression(max_iter=1000), logits, values, groups=patients, cv=GroupKFold(folds), method="predict_proba")
+            # Standardised first: the check must not depend on the logits' scale (a barely trained or
+            # high-temperature model has tiny logit spread that L2 regularisation would flatten).
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+            proba = cross_val_predict(model, logits, values, groups=patients, cv=GroupKFold(folds), method="predict_proba")
             if len(uniq) == 2:
                 return float(roc_auc_score(values == uniq[1], proba[:, 1]))
             return float(roc_auc_score(values, proba, multi_class="ovr", labels=uniq))
@@ -274,45 +277,7 @@ def _clean(obj):
     return obj
 
 
-def fmt(v, ci=None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    s = f"{v:.3f}"
-    if ci and ci[0] is not None and not (isinstance(ci[0], float) and math.isnan(ci[0])):
-        s += f" <span class=ci>({ci[0]:.3f}–{ci[1]:.3f})</span>"
-    return s
-
-
 def render_html(result: dict, meta: ModelMeta) -> str:
-    e = html.escape
-    rows = []
-    for c, m in result["per_class"].items():
-        rows.append("<tr><td>" + e(c) + "</td><td>" + str(m["positives"]) + "</td>" + "".join(f"<td>{fmt(m[k], m.get(k + '_ci'))}</td>" for k in CI_KEYS) + f"<td>{m['threshold']:.3f}</td></tr>")
-    mac = result["macro"]
-    rows.append("<tr class=macro><td>macro</td><td></td>" + "".join(f"<td>{fmt(mac[k], mac.get(k + '_ci'))}</td>" for k in CI_KEYS) + "<td></td></tr>")
-    cal = result["calibration"]
-    sub_html = []
-    for s in result["subgroups"]:
-        lines = [f"<h3>By {e(s['column'])}</h3><table><tr><th>{e(s['column'])}</th><th>images</th><th>patients</th>" + "".join(f"<th>{e(c)} AUROC</th>" for c in result["classes"]) + "<th>macro AUROC</th></tr>"]
-        for v, m in s["groups"].items():
-            lines.append(f"<tr><td>{e(v)}</td><td>{m['images']}</td><td>{m['patients']}</td>" + "".join(f"<td>{fmt(m['per_class'][c]['auroc'], m['per_class'][c]['auroc_ci'])}</td>" for c in result["classes"]) + f"<td>{fmt(m['macro']['auroc'], m['macro']['auroc_ci'])}</td></tr>")
-        lines.append("</table>")
-        if s.get("predictability_auroc") is not None:
-            lines.append(f"<p>Predictability of {e(s['column'])} from the model outputs: AUROC {s['predictability_auroc']:.2f}</p>")
-        sub_html.append("".join(lines))
-    warn_html = "".join(f"<li>{e(w)}</li>" for w in result["warnings"]) or "<li>none</li>"
-    plots = "".join(f'<figure><img src="{e(p)}" alt="{e(p)}"><figcaption>{e(p)}</figcaption></figure>' for p in result.get("plots", []))
-    acc = f"<p>Accuracy {fmt(result['accuracy'], result.get('accuracy_ci'))}</p>" if "accuracy" in result else ""
-    return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>medres evaluation</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}.ci{{color:#666;font-size:85%}}.macro{{font-weight:bold}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:480px}}.ruo{{background:#fee;padding:.5em;border:1px solid #c99}}</style></head><body>
-<h1>medres evaluation</h1><p class=ruo>Research use only — not for diagnosis.</p>
-<p>Split: {e(str(result['split']))} · {result['images']} images from {result['patients']} patients · classes: {e(', '.join(result['classes']))} · 95% CIs from {e('a patient-level bootstrap')}</p>
-<h2>Metrics at the validation operating points ({e(result['operating_points']['method'])})</h2>
-<table><tr><th>class</th><th>positives</th>{''.join(f'<th>{k}</th>' for k in CI_KEYS)}<th>threshold</th></tr>{''.join(rows)}</table>{acc}
-<h2>Calibration</h2><table><tr><th></th><th>ECE</th><th>Brier</th></tr>
-<tr><td>before (T=1)</td><td>{fmt(cal['before']['ece'])}</td><td>{fmt(cal['before']['brier'])}</td></tr>
-<tr><td>after (T={cal['temperature']:.3f})</td><td>{fmt(cal['after']['ece'])}</td><td>{fmt(cal['after']['brier'])}</td></tr></table>
-<h2>Warnings</h2><ul>{warn_html}</ul>
-<h2>Subgroups</h2>{''.join(sub_html) or '<p>none requested (--by COLUMN)</p>'}
-<h2>Plots</h2>{plots}
-</body></html>"""
+    from medres.templates import render
+
+    return render("evaluate.html", r=result, keys=CI_KEYS)

@@ -1,4 +1,5 @@
-"""`medres export --format onnx`: dynamic batch axis, preprocessing metadata, parity check."""
+"""`medres export --format onnx`: dynamic batch axis, preprocessing metadata, parity check.
+`--format monai-bundle` is in bundle.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medres.errors import MedresError, UsageError
+from medres.errors import ExportParityError, UsageError
 from medres.files import atomic_path
 from medres.inference import normalise, to_probs
 from medres.model import load_checkpoint
@@ -17,16 +18,10 @@ from medres.model import load_checkpoint
 PARITY_TOLERANCE = 1e-4
 
 
-class ExportParityError(MedresError):
-    code = "EXPORT_PARITY"
-    exit_code = 1
-
-
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, samples: np.ndarray | None = None) -> dict:
     """Export (input: normalised (B, C, S, S) float32, output: logits) and check parity:
     max |Δprob| between ONNX Runtime and torch fp32 must be ≤ 1e-4."""
     import onnx
-    import onnxruntime as ort
 
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
@@ -65,6 +60,10 @@ def check_parity(model, meta, onnx_path: str, samples: np.ndarray | None = None)
 
 
 def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "onnx") -> dict:
+    if fmt == "monai-bundle":
+        from medres.bundle import export_bundle
+
+        return export_bundle(checkpoint, out)
     if fmt != "onnx":
-        raise UsageError(f"--format {fmt!r} is not supported (onnx)")
+        raise UsageError(f"--format {fmt!r} is not supported (onnx, monai-bundle)")
     return export_onnx(checkpoint, out)

@@ -16,8 +16,10 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it into place, on failure remove it."""
+def atomic_path(path: str | Path, *, overwrite: bool = True, durable: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it (`durable`) and rename it into place, on
+    failure remove it. The one way medres writes a file: readers see the old file or the new one,
+    never half of either. `durable=False` for re-creatable files (cache entries, report images)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExists(f"{path} exists; pass --overwrite to replace it")
@@ -27,23 +29,20 @@ def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if durable:
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -> None:
+    with atomic_path(path, durable=durable) as tmp:
         if isinstance(data, str):
             tmp.write_text(data, encoding="utf-8")
         else:
             tmp.write_bytes(data)
-        _fsync(tmp)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def safe_cell(value: object) -> object:

@@ -8,7 +8,6 @@ state dicts load strictly. A 224×224 input gives a (B, 2048, 7, 7) feature map.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,8 +312,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta) -> None
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"medres": json.dumps(asdict(meta)), "format": "pt"})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -11,10 +11,8 @@ Under `torchrun`, every rank scores its hash share and rank 0 joins the shares i
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import time
 from collections import Counter
@@ -22,151 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
-from medres.errors import IngestError, NoInputs, OutputExists, UsageError
-from medres.files import atomic_path, csv_text, resolve_under_root
-from medres.io import ImageCache, PreprocessSpec, load_image
+from medres.errors import NoInputs, OutputExists, UsageError
+from medres.files import atomic_path, csv_text
 from medres.metrics import predict_labels
+from medres.scoring import (  # noqa: F401 — discover/shard/tta_views are part of predict's API too
+    InputFile, OnnxBackend, ScoredBatch, default_workers, discover, parse_shard, scored_batches, shard, shard_of, tta_views,
+)
 
 log = logging.getLogger(__name__)
-
-
-# Sidecar files commonly found next to images; skipped when walking folders (files named on the
-# command line are always scored, so a text file named .dcm still becomes an error row).
-SIDECAR_SUFFIXES = {".csv", ".json", ".txt", ".md", ".html", ".htm", ".yaml", ".yml", ".xml", ".log", ".npy", ".npz", ".pdf", ".py"}
-SIDECAR_NAMES = {"DICOMDIR", "Thumbs.db"}
-
-
-@dataclass(frozen=True)
-class InputFile:
-    full: str
-    shown: str  # relative to its input root: the row key
-    error: str = ""  # a problem found while listing (e.g. a manifest path outside its folder)
-
-
-def discover(inputs: list[str | Path]) -> list[InputFile]:
-    """Expand files, folders (recursive, hidden files skipped) and manifest CSVs, in a stable order."""
-    found: list[InputFile] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            root = p
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(root)
-                if f.is_file() and not any(part.startswith(".") for part in rel.parts) and f.suffix.lower() not in SIDECAR_SUFFIXES and f.name not in SIDECAR_NAMES:
-                    found.append(InputFile(str(f), rel.as_posix()))
-        elif p.is_file() and p.suffix.lower() == ".csv" and _is_manifest(p):
-            from medres.data.manifest import read_csv
-
-            df = read_csv(p)
-            for rel in df["path"]:
-                try:
-                    found.append(InputFile(str(resolve_under_root(p.resolve().parent, rel)), rel))
-                except IngestError as err:
-                    found.append(InputFile("", rel, err.one_line()))
-        elif p.is_file():
-            found.append(InputFile(str(p), p.name))
-        else:
-            raise NoInputs(f"input not found: {p}")
-    return found
-
-
-def _is_manifest(path: Path) -> bool:
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        header = next(csv.reader(fh), [])
-    return "path" in header
-
-
-def shard_of(key: str, count: int) -> int:
-    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % count
-
-
-def shard(files: list[InputFile], index: int, count: int) -> list[InputFile]:
-    """Deterministic split by a hash of the row key: every file in exactly one of `count` shards,
-    independent of listing order, so N machines (or torchrun ranks) can share a folder."""
-    if not 0 <= index < count:
-        raise UsageError(f"--shard {index}/{count}: need 0 <= i < n")
-    return [f for f in files if shard_of(f.shown, count) == index]
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard expects i/n (e.g. 0/4), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise UsageError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
-# --- decoding in worker processes ------------------------------------------------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(spec: PreprocessSpec, cache_dir: str | None, in_process: bool = False) -> None:
-    if not in_process:  # a decoding process gets one thread; the caller's process keeps its own
-        torch.set_num_threads(1)
-    _WORKER["spec"], _WORKER["cache"] = spec, ImageCache(cache_dir) if cache_dir else None
-
-
-def _decode(item: InputFile) -> tuple[InputFile, np.ndarray | None, str, str]:
-    if item.error:
-        return item, None, item.error[1 : item.error.index("]")], item.error
-    try:
-        loaded = load_image(item.full, _WORKER["spec"], display_path=item.shown, cache=_WORKER["cache"])
-        return item, loaded.pixels, "", ""
-    except IngestError as err:
-        return item, None, err.code, err.one_line()
-
-
-def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: str | None, workers: int) -> Iterator[tuple[InputFile, np.ndarray | None, str, str]]:
-    if workers <= 0:
-        _init_worker(spec, cache_dir, in_process=True)
-        yield from map(_decode, files)
-        return
-    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, cache_dir)) as pool:
-        yield from pool.imap(_decode, files, chunksize=4)
-
-
-# --- scoring backends ------------------------------------------------------------------------------
-class OnnxBackend:
-    def __init__(self, path: str | Path, meta):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-        self.meta = meta
-
-    def logits(self, pixels: torch.Tensor) -> np.ndarray:
-        from medres.inference import normalise
-
-        x = normalise(pixels.float(), self.meta.mean, self.meta.std, self.meta.in_channels).numpy()
-        return self.session.run(None, {self.session.get_inputs()[0].name: x})[0]
-
-
-TTA_VARIANTS = ((1.0, 0.0, 0.0, 0.0), (1.04, 0.0, 0.0, 0.0), (1.0, 3.0, 0.0, 0.0), (1.0, -3.0, 0.0, 0.0), (1.0, 0.0, 0.02, 0.02))
-
-
-def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """Mild affine variants (zoom 4%, ±3°, 2% shift) of a (B, H, W) batch; the first is the original."""
-    import math
-
-    import torch.nn.functional as F
-
-    views = []
-    for scale, deg, tx, ty in TTA_VARIANTS:
-        if (scale, deg, tx, ty) == (1.0, 0.0, 0.0, 0.0):
-            views.append(x)
-            continue
-        a = math.radians(deg)
-        theta = torch.tensor([[math.cos(a) / scale, -math.sin(a) / scale, tx], [math.sin(a) / scale, math.cos(a) / scale, ty]], dtype=x.dtype)
-        grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), (x.shape[0], 1, *x.shape[1:]), align_corners=False)
-        views.append(F.grid_sample(x.unsqueeze(1), grid, align_corners=False, padding_mode="zeros").squeeze(1))
-    return views
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -307,8 +170,6 @@ def write_rows(path: Path, rows: Iterable[dict], cols: list[str], fmt: str) -> i
             import pandas as pd
 
             pd.DataFrame([{c: str(r.get(c, "")) for c in cols} for r in rows], columns=cols).to_parquet(tmp, index=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
         return tmp.stat().st_size
 
 
@@ -385,7 +246,7 @@ def predict(
     if on_total:
         on_total(len(todo))
     if workers is None:
-        workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+        workers = default_workers()
     t0 = time.perf_counter()
     try:
         _score_files(todo, scorer, onnx, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
@@ -403,55 +264,44 @@ def predict(
 
 
 def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool, fail_fast: bool, flush_every: float, on_progress) -> None:
-    """Decode (worker processes) → batches → probabilities → journal rows, in input order."""
-    thresholds = meta.effective_thresholds()
-    pending: list[tuple[InputFile, np.ndarray | None, str, str]] = []
+    """The scoring path's batches → journal rows, in input order (so a fresh run's journal already
+    is the final table), fsync'd every `flush_every` seconds."""
     last_sync = time.perf_counter()
 
-    def score_pending() -> None:
-        good = [p for p in pending if p[1] is not None]
-        probs, labels = np.zeros((0, len(meta.classes))), []
-        if good:
-            x = torch.from_numpy(np.stack([p[1] for p in good]))
-            views = tta_views(x) if tta else [x]
-            probs = np.mean([scorer.probs(onnx.logits(v) if onnx else scorer.logits(v)) for v in views], axis=0)
-            labels = predict_labels(probs, meta.task, thresholds)
-        scored = iter(zip(probs, labels))
-        rows = []
-        for item, pixels, code, message in pending:
-            if pixels is None:
-                rows.append({"path": item.shown, "status": "error", "error_code": code, "message": message})
-                continue
-            p, lab = next(scored)
-            row = {"path": item.shown, "status": "ok", "error_code": "", "message": ""}
-            row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(meta.classes, p)})
-            if meta.task == "multiclass":
-                row["prediction"] = meta.classes[int(lab)]
-            else:
-                row.update({f"positive_{c}": int(v) for c, v in zip(meta.classes, lab)})
-            rows.append(row)
-        journal.append(rows)
-        result.scored += len(good)
-        if on_progress:
-            on_progress(len(pending))
-        pending.clear()
+    def failed(d) -> None:
+        result.failed += 1
+        result.by_code[d.code] += 1
+        log.warning(d.message)
 
-    stream_ = decoded_stream(todo, spec=PreprocessSpec.from_dict(meta.preprocess), cache_dir=str(cache_dir) if cache_dir else None, workers=workers)
-    for item, pixels, code, message in stream_:
-        pending.append((item, pixels, code, message))
-        if pixels is None:
-            result.failed += 1
-            result.by_code[code] += 1
-            log.warning(message)
-            if fail_fast:
-                break
-        # Rows leave in input order, so a fresh run's journal already is the final table.
-        if sum(p[1] is not None for p in pending) >= batch_size or len(pending) >= 4 * batch_size:
-            score_pending()
+    for batch in scored_batches(todo, scorer, batch_size=batch_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
+                                tta=tta, onnx=onnx, fail_fast=fail_fast, on_error=failed):
+        journal.append(rows_of(batch, meta))
+        result.scored += len(batch.good)
+        if on_progress:
+            on_progress(len(batch.items))
         if time.perf_counter() - last_sync > flush_every:
             journal.sync()
             last_sync = time.perf_counter()
-    score_pending()
+
+
+def rows_of(batch: ScoredBatch, meta) -> list[dict]:
+    """One output row per file of the batch: probabilities and labels, or the error."""
+    labels = predict_labels(batch.probs, meta.task, meta.effective_thresholds()) if len(batch.good) else []
+    scored = iter(zip(batch.probs, labels))
+    rows = []
+    for d in batch.items:
+        if not d.ok:
+            rows.append({"path": d.file.shown, "status": "error", "error_code": d.code, "message": d.message})
+            continue
+        p, lab = next(scored)
+        row = {"path": d.file.shown, "status": "ok", "error_code": "", "message": ""}
+        row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(meta.classes, p)})
+        if meta.task == "multiclass":
+            row["prediction"] = meta.classes[int(lab)]
+        else:
+            row.update({f"positive_{c}": int(v) for c, v in zip(meta.classes, lab)})
+        rows.append(row)
+    return rows
 
 
 # --- several processes: torchrun ------------------------------------------------------------------

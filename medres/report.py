@@ -10,7 +10,6 @@ are written unless `include_identifiers` is set.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 from dataclasses import dataclass, field
@@ -20,14 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medres.cam import compute_cam, find_layer, upsample
-from medres.errors import IngestError, NoInputs, UsageError
+from medres.cam import compute_cam, find_layer, occlusion_maps, upsample
+from medres.errors import NoInputs, UsageError
 from medres.files import atomic_path, atomic_write
 from medres.inference import Predictor
-from medres.io import PreprocessSpec, load_image
+from medres.io import Geometry, PreprocessSpec
 from medres.metrics import predict_labels
 from medres.model import CAM_LAYER, load_checkpoint
-from medres.predict import discover
+from medres.scoring import default_workers, discover, scored_batches
 
 log = logging.getLogger(__name__)
 DISPLAY_MAX = 1024
@@ -46,6 +45,7 @@ class Case:
     targets: list[int] = field(default_factory=list)
     cams: np.ndarray | None = None  # (K, S, S) raw, model space
     record: dict | None = None
+    geometry: Geometry | None = None  # model space → original image
     deletion_auc: float | None = None
     insertion_auc: float | None = None
 
@@ -69,18 +69,9 @@ def overlay(grey: np.ndarray, heat: np.ndarray, cmap: np.ndarray, alpha_max: flo
     return (base * (1 - a) + colour * a).astype(np.uint8)
 
 
-def _display(x: np.ndarray) -> tuple[np.ndarray, float]:
-    h, w = x.shape
-    s = min(1.0, DISPLAY_MAX / max(h, w))
-    if s < 1.0:
-        img = Image.fromarray(x.astype(np.float32), mode="F").resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.float32), s
-    return x, 1.0
-
-
 def _save_png(path: Path, arr: np.ndarray) -> None:
     # No text chunks: PNGs carry pixels only.
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=False) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
@@ -126,134 +117,174 @@ def report(
     dicom_sc: bool = False,
     faithfulness: bool = False,
     limit: int | None = None,
+    workers: int | None = None,
 ) -> dict:
+    """Score and explain every input; write index.html, cases/*.html|png (+ Secondary Capture DICOMs
+    with `dicom_sc`) and summary.json under `out`. Returns the summary."""
     out = Path(out)
+    model, meta = load_checkpoint(checkpoint)
+    _check_options(model, meta, layer=layer, target_class=target_class, normalize=normalize)
+    files = discover(inputs)[: limit or None]
+    if not files:
+        raise NoInputs("no input files found")
+    predictor = Predictor.create(model, meta, device=device, precision=precision)
+    opts = _Options(method, layer, target_class, normalize, weight_by_probability, faithfulness, include_identifiers, dicom_sc)
+    cases = [Case(i, f.shown, f.full) for i, f in enumerate(files)]
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers)
+    spec = PreprocessSpec.from_dict(meta.preprocess)
+    if cells and min(cells) < 7 and method != "occlusion":
+        log.warning("%s gives %d×%d heatmaps at %d px (each cell %d px): lesions are located to a cell at best; "
+                    "a shallower layer (e.g. --layer layer3) doubles the resolution", layer, *cells, spec.image_size, spec.image_size // cells[0])
+    where = "occlusion patches" if method == "occlusion" else layer
+    grid = f"{where} ({cells[0]}×{cells[1]} cells)" if cells else f"{where} (no maps)"
+    scales = shared_scales(cases, len(meta.classes))
+    for k, scale in scales.items():
+        _write_colorbar(out / f"colorbar_{k}.png", meta.classes[k], scale, normalize, weight_by_probability, method)
+    ckpt_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    for case in cases:
+        if case.status == "ok" and case.cams is not None:
+            _write_overlays(case, out, scales, opts, meta)
+            atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, meta.effective_thresholds(), ckpt_sha, method, grid, normalize, scales))
+    atomic_write(out / "index.html", _index_html(cases, meta, meta.effective_thresholds(), method, grid, normalize, scales, faithfulness))
+    summary = _summary(cases, meta, scales, opts, cells)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+@dataclass(frozen=True)
+class _Options:
+    method: str
+    layer: str
+    target_class: str | None
+    normalize: str
+    weight_by_probability: bool
+    faithfulness: bool
+    include_identifiers: bool
+    dicom_sc: bool
+
+
+def _check_options(model, meta, *, layer: str, target_class: str | None, normalize: str) -> None:
     if normalize not in ("shared", "per-image"):
         raise UsageError(f"--normalize must be shared or per-image, got {normalize!r}")
-    model, meta = load_checkpoint(checkpoint)
     try:
         find_layer(model, layer)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if target_class is not None and target_class not in meta.classes:
         raise UsageError(f"--class {target_class!r} is not one of {', '.join(meta.classes)}")
-    files = discover(inputs)
-    if limit:
-        files = files[:limit]
-    if not files:
-        raise NoInputs("no input files found")
-    spec = PreprocessSpec.from_dict(meta.preprocess)
-    predictor = Predictor.create(model, meta, device=device, precision=precision)
-    thresholds = meta.effective_thresholds()
-    ckpt_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
-    cases = [Case(i, f.shown, f.full, error=f.error, status="error" if f.error else "ok") for i, f in enumerate(files)]
 
-    # Pass 1: decode, score and compute raw CAMs in batches (model space, small).
-    todo = [c for c in cases if c.status == "ok"]
-    cells: tuple[int, int] | None = None
-    for start in range(0, len(todo), batch_size):
-        chunk, pix = [], []
-        for case in todo[start : start + batch_size]:
-            try:
-                loaded = load_image(case.full, spec, display_path=case.shown)
-            except IngestError as err:
-                case.status, case.error = "error", err.one_line()
+
+def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path, opts: _Options, *, batch_size: int, workers: int) -> tuple[int, int] | None:
+    """One pass over the scoring path: probabilities and raw CAMs (model space) per case; the display
+    image and thumbnail are written as each file is decoded, so no file is decoded twice."""
+    cells = None
+    in_order = iter(cases)  # batches keep input order; keys may repeat across input folders
+    for batch in scored_batches(files, predictor, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX):
+        good = []
+        for d in batch.items:
+            case = next(in_order)
+            if not d.ok:
+                case.status, case.error = "error", d.message
                 continue
-            case.record = loaded.record.to_dict()
-            chunk.append(case)
-            pix.append(loaded.pixels)
-        if not chunk:
-            continue
-        x = torch.from_numpy(np.stack(pix))
-        logits = predictor.logits(x)
-        probs = predictor.probs(logits)
-        labels = predict_labels(probs, meta.task, thresholds)
-        targets = []
-        for case, p, lab in zip(chunk, probs, labels):
-            case.probs = [float(v) for v in p]
-            case.positive = [int(v >= t) for v, t in zip(p, thresholds)]
-            if target_class is not None:
-                case.targets = [meta.classes.index(target_class)]
-            elif meta.task == "multiclass":
-                case.targets = [int(lab)]
-            else:
-                case.targets = [j for j, v in enumerate(lab) if v] or [int(np.argmax(p))]
-            targets.append(case.targets)
-        k = max(len(t) for t in targets)
-        t = torch.tensor([tt + [-1] * (k - len(tt)) for tt in targets])
-        res = compute_cam(predictor.model, predictor.prepare(x), t, layer=layer, method=method, score="log_odds" if meta.task == "multiclass" else "logit", autocast_dtype=predictor.dtype)
-        maps = upsample(res.maps, spec.image_size).numpy()
-        cells = cells or (int(res.maps.shape[-2]), int(res.maps.shape[-1]))
-        for i, case in enumerate(chunk):
-            cams = maps[i, : len(case.targets)]
-            if weight_by_probability:
-                cams = cams * np.array([case.probs[j] for j in case.targets])[:, None, None]
-            case.cams = cams.astype(np.float32)
-            if faithfulness:
-                case.deletion_auc, case.insertion_auc = _faithfulness(predictor, pix[i], cams[0], case.targets[0])
+            case.record, case.geometry = d.record.to_dict(), d.record.geometry
+            grey = (np.clip(d.display, 0, 1) * 255).astype(np.uint8)
+            _save_png(out / "cases" / f"{case.name}_image.png", grey)
+            thumb = Image.fromarray(grey)
+            thumb.thumbnail((96, 96))
+            _save_png(out / "cases" / f"{case.name}_thumb.png", np.asarray(thumb))
+            good.append(case)
+        if good:
+            cells = _explain(batch, good, predictor, opts)
+    return cells
 
-    if cells and min(cells) < 7:
-        log.warning("%s gives %d×%d heatmaps at %d px (each cell %d px): lesions are located to a cell at best; "
-                    "a shallower layer (e.g. --layer layer3) doubles the resolution", layer, *cells, spec.image_size, spec.image_size // cells[0])
-    grid = f"{cells[0]}×{cells[1]} cells" if cells else "no maps"
 
-    # One absolute scale per class, shared by every case in the report: a class's maps are comparable
-    # across cases, and a weak map stays cold instead of being stretched to full colour.
+def _explain(batch, chunk: list[Case], predictor: Predictor, opts: _Options) -> tuple[int, int]:
+    """Targets (prediction, positives, or --class), then one CAM pass for the batch."""
+    meta = predictor.meta
+    thresholds = meta.effective_thresholds()
+    labels = predict_labels(batch.probs, meta.task, thresholds)
+    for case, p, lab in zip(chunk, batch.probs, labels):
+        case.probs = [float(v) for v in p]
+        case.positive = [int(v >= t) for v, t in zip(p, thresholds)]
+        if opts.target_class is not None:
+            case.targets = [meta.classes.index(opts.target_class)]
+        elif meta.task == "multiclass":
+            case.targets = [int(lab)]
+        else:
+            case.targets = [j for j, v in enumerate(lab) if v] or [int(np.argmax(p))]
+    k = max(len(c.targets) for c in chunk)
+    t = torch.tensor([c.targets + [-1] * (k - len(c.targets)) for c in chunk])
+    score = "log_odds" if meta.task == "multiclass" else "logit"
+    if opts.method == "occlusion":
+        maps_t, cells = occlusion_maps(predictor.model, predictor.prepare(batch.x).float(), t, score=score)
+        maps = maps_t.numpy()
+    else:
+        res = compute_cam(predictor.model, predictor.prepare(batch.x), t, layer=opts.layer, method=opts.method, score=score, autocast_dtype=predictor.dtype)
+        maps = upsample(res.maps, batch.x.shape[-1]).numpy()
+        cells = int(res.maps.shape[-2]), int(res.maps.shape[-1])
+    for i, case in enumerate(chunk):
+        cams = maps[i, : len(case.targets)]
+        if opts.weight_by_probability:
+            cams = cams * np.array([case.probs[j] for j in case.targets])[:, None, None]
+        case.cams = cams.astype(np.float32)
+        if opts.faithfulness:
+            case.deletion_auc, case.insertion_auc = _faithfulness(predictor, batch.x[i].numpy(), cams[0], case.targets[0])
+    return cells
+
+
+def shared_scales(cases: list[Case], n_classes: int) -> dict[int, float]:
+    """One absolute scale per class, shared by every case in the report: the 99.5th percentile of that
+    class's maps. A class's maps are comparable across cases, and a weak map stays cold instead of
+    being stretched to full colour."""
     scales: dict[int, float] = {}
-    for k in range(len(meta.classes)):
+    for k in range(n_classes):
         vals = [c.cams[i].ravel() for c in cases if c.cams is not None for i, t in enumerate(c.targets) if t == k]
         if vals:
             v = float(np.percentile(np.concatenate(vals), 99.5))
             scales[k] = v if v > 0 else 1.0
+    return scales
+
+
+def _write_overlays(case: Case, out: Path, scales: dict[int, float], opts: _Options, meta) -> None:
+    """Each target's map, back on the original's grid (geometry undoes letterbox/crop), over the
+    display image written in the first pass."""
     cmap = _colormap()
-    (out / "cases").mkdir(parents=True, exist_ok=True)
-    for k, scale in scales.items():
-        _write_colorbar(out / f"colorbar_{k}.png", meta.classes[k], scale, normalize, weight_by_probability)
+    grey = np.asarray(Image.open(out / "cases" / f"{case.name}_image.png"), dtype=np.float32) / 255
+    for k, cls in enumerate(case.targets):
+        cam = case.cams[k]
+        heat = cam / (cam.max() if opts.normalize == "per-image" and cam.max() > 0 else scales[cls])
+        native = case.geometry.to_original(np.clip(heat, 0, 1))
+        if native.shape != grey.shape:  # the display image is downscaled (or a decoder returned another size)
+            native = np.asarray(Image.fromarray(np.nan_to_num(native, nan=0.0).astype(np.float32), mode="F").resize((grey.shape[1], grey.shape[0]), Image.Resampling.BILINEAR))
+        image = overlay(grey, native, cmap)
+        _save_png(out / "cases" / f"{case.name}_cam_{cls}.png", image)
+        if opts.dicom_sc and case.record and case.record.get("format") == "dicom":
+            from medres.dicom_out import write_secondary_capture
 
-    # Pass 2: overlays on the original images, pages.
-    for case in cases:
-        if case.status != "ok" or case.cams is None:
-            continue
-        loaded = load_image(case.full, spec, display_path=case.shown, keep_original=True)
-        geom = loaded.record.geometry
-        grey, s = _display(loaded.original)
-        _save_png(out / "cases" / f"{case.name}_image.png", (grey * 255).astype(np.uint8))
-        thumb = Image.fromarray((grey * 255).astype(np.uint8))
-        thumb.thumbnail((96, 96))
-        _save_png(out / "cases" / f"{case.name}_thumb.png", np.asarray(thumb))
-        for k, cls in enumerate(case.targets):
-            cam = case.cams[k]
-            heat = cam / (cam.max() if normalize == "per-image" and cam.max() > 0 else scales[cls])
-            native = geom.to_original(np.clip(heat, 0, 1))
-            if s < 1.0:
-                native = np.asarray(Image.fromarray(np.nan_to_num(native, nan=0.0).astype(np.float32), mode="F").resize((grey.shape[1], grey.shape[0]), Image.Resampling.BILINEAR))
-            _save_png(out / "cases" / f"{case.name}_cam_{cls}.png", overlay(grey, native, cmap))
-            if dicom_sc and loaded.record.format == "dicom":
-                from medres.dicom_out import write_secondary_capture
+            write_secondary_capture(Path(case.full), image, out / "cases" / f"{case.name}_cam_{cls}.dcm", include_identifiers=opts.include_identifiers, description=f"medres Grad-CAM {meta.classes[cls]}")
 
-                write_secondary_capture(Path(case.full), overlay(grey, native, cmap), out / "cases" / f"{case.name}_cam_{cls}.dcm", include_identifiers=include_identifiers, description=f"medres Grad-CAM {meta.classes[cls]}")
-        atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, thresholds, ckpt_sha, method, f"{layer} ({grid})", normalize, scales))
-    atomic_write(out / "index.html", _index_html(cases, meta, thresholds, method, f"{layer} ({grid})", normalize, scales, faithfulness))
+
+def _summary(cases: list[Case], meta, scales: dict[int, float], opts: _Options, cells) -> dict:
     summary = {
         "cases": len(cases),
         "ok": sum(c.status == "ok" for c in cases),
         "failed": sum(c.status != "ok" for c in cases),
         "scales": {meta.classes[k]: v for k, v in scales.items()},
-        "normalize": normalize,
-        "method": method,
-        "layer": layer,
+        "normalize": opts.normalize,
+        "method": opts.method,
+        "layer": opts.layer,
         "map_cells": list(cells) if cells else None,
     }
-    if faithfulness:
+    if opts.faithfulness:
         d = [c.deletion_auc for c in cases if c.deletion_auc is not None]
         i = [c.insertion_auc for c in cases if c.insertion_auc is not None]
         summary["mean_deletion_auc"] = float(np.mean(d)) if d else None
         summary["mean_insertion_auc"] = float(np.mean(i)) if i else None
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, weighted: bool) -> None:
+def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, weighted: bool, method: str = "gradcam") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,9 +294,10 @@ def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, w
     ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap="inferno", extent=(0, 1, 0, 1))
     ax.set_yticks([])
     if normalize == "per-image":
-        ax.set_xlabel(f"Grad-CAM for {class_name}, scaled per image (each image's maximum = 1): not comparable across cases")
+        ax.set_xlabel(f"{'occlusion' if method == 'occlusion' else 'Grad-CAM'} for {class_name}, scaled per image (each image's maximum = 1): not comparable across cases")
     else:
-        what = "probability-weighted Grad-CAM" if weighted else "Grad-CAM"
+        what = "score drop when occluded" if method == "occlusion" else "Grad-CAM"
+        what = f"probability-weighted {what}" if weighted else what
         ax.set_xticks([0, 0.5, 1], ["0", f"{scale / 2:.3g}", f"≥{scale:.3g}"])
         ax.set_xlabel(f"{what} for {class_name}: one absolute scale for every case in this report")
     with atomic_path(path) as tmp:
@@ -274,55 +306,24 @@ def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, w
 
 
 _CSS = "body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}th{cursor:pointer;background:#f4f4f4}.ruo{background:#fee;padding:.5em;border:1px solid #c99}.error{color:#a00}img.big{max-width:46vw;margin-right:1em}"
-_SORT_JS = """<script>
-document.querySelectorAll('th').forEach(function(th,col){th.addEventListener('click',function(){
-var tb=th.closest('table').tBodies[0];var rows=Array.from(tb.rows);var asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
-rows.sort(function(a,b){var x=a.cells[col].dataset.v||a.cells[col].textContent,y=b.cells[col].dataset.v||b.cells[col].textContent;
-var nx=parseFloat(x),ny=parseFloat(y);var r=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y);return asc?r:-r;});
-rows.forEach(function(r){tb.appendChild(r);});});});
-</script>"""
-
-
 def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, scales, faithfulness) -> str:
-    e = html.escape
-    head = "<tr><th>case</th><th>file</th><th>image</th><th>status</th><th>prediction</th>" + "".join(f"<th>p({e(c)})</th>" for c in meta.classes)
-    head += "<th>deletion AUC</th><th>insertion AUC</th>" if faithfulness else ""
-    head += "</tr>"
-    rows = []
-    for c in cases:
-        if c.status != "ok":
-            rows.append(f"<tr><td>{c.name}</td><td>{e(c.shown)}</td><td></td><td class=error>error</td><td colspan={len(meta.classes) + 1 + (2 if faithfulness else 0)} class=error>{e(c.error)}</td></tr>")
-            continue
-        pred = ", ".join(meta.classes[t] for t in c.targets) if meta.task == "multilabel" else meta.classes[c.targets[0]]
-        cells = "".join(f"<td data-v={p:.6f}>{p:.3f}{' ✔' if pos else ''}</td>" for p, pos in zip(c.probs, c.positive))
-        faith = f"<td>{c.deletion_auc:.3f}</td><td>{c.insertion_auc:.3f}</td>" if faithfulness and c.deletion_auc is not None else ""
-        rows.append(f'<tr><td><a href="cases/{c.name}.html">{c.name}</a></td><td>{e(c.shown)}</td><td><img src="cases/{c.name}_thumb.png" alt="thumbnail"></td><td>ok</td><td>{e(pred)}</td>{cells}{faith}</tr>')
-    summary = ""
+    from medres.templates import render
+
+    predictions = {c.index: ", ".join(meta.classes[t] for t in c.targets) if meta.task == "multilabel" else meta.classes[c.targets[0]] for c in cases if c.status == "ok" and c.targets}
+    summary = None
     if faithfulness:
         d = [c.deletion_auc for c in cases if c.deletion_auc is not None]
         i = [c.insertion_auc for c in cases if c.insertion_auc is not None]
-        if d:
-            summary = f"<p>Faithfulness: mean deletion AUC {np.mean(d):.3f} (lower is better), mean insertion AUC {np.mean(i):.3f} (higher is better).</p>"
-    return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>medres report</title><style>{_CSS}</style></head><body>
-<h1>medres Grad-CAM report</h1><p class=ruo>{RUO}</p>
-<p>{len(cases)} cases · method {e(method)} on {e(layer)} · scale: {e(normalize)} · ✔ = above the operating threshold</p>
-<p>{''.join(f'<img src="colorbar_{k}.png" alt="colour scale for {e(meta.classes[k])}"> ' for k in scales)}</p>{summary}
-<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>{_SORT_JS}</body></html>"""
+        summary = (float(np.mean(d)), float(np.mean(i))) if d else None
+    return render("report_index.html", css=_CSS, ruo=RUO, cases=cases, classes=meta.classes, method=method, layer=layer, normalize=normalize,
+                  scales=scales, faithfulness=faithfulness, faithfulness_summary=summary, predictions=predictions, zip=zip)
 
 
 def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize, scales) -> str:
-    e = html.escape
-    probs = "".join(f"<tr><td>{e(c)}</td><td>{p:.3f}</td><td>{t:.3f}</td><td>{'positive' if pos else ''}</td></tr>" for c, p, t, pos in zip(meta.classes, case.probs, thresholds, case.positive))
-    overlays = "".join(f'<figure><img class=big src="{case.name}_cam_{k}.png" alt="Grad-CAM {e(meta.classes[k])}"><figcaption>{e(method)} for {e(meta.classes[k])}<br><img src="../colorbar_{k}.png" alt="colour scale"></figcaption></figure>' for k in case.targets)
-    rec = case.record or {}
-    steps = "".join(f"<li>{e(s)}</li>" for s in rec.get("steps", []))
-    warns = "".join(f"<li>{e(s)}</li>" for s in rec.get("warnings", [])) or "<li>none</li>"
-    info = {k: rec.get(k) for k in ("format", "modality", "photometric", "bits_stored", "bits_allocated", "transfer_syntax", "sop_class")}
-    info_rows = "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in info.items() if v is not None)
-    return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>{case.name}</title><style>{_CSS}</style></head><body>
-<p><a href="../index.html">← all cases</a></p><h1>{case.name}: {e(case.shown)}</h1><p class=ruo>{RUO}</p>
-<figure><img class=big src="{case.name}_image.png" alt="image"><figcaption>image as the model saw it (native aspect ratio)</figcaption></figure>{overlays}
-<h2>Probabilities</h2><table><tr><th>class</th><th>probability</th><th>threshold</th><th></th></tr>{probs}</table>
-<h2>Ingestion record</h2><table>{info_rows}</table><ol>{steps}</ol><p>Warnings:</p><ul>{warns}</ul>
-<h2>Model</h2><p>{e(meta.arch)} · medres {e(meta.medres_version)} · checkpoint sha256 <code>{ckpt_sha}</code> · calibration temperature {meta.temperature:.3f} · heatmap {e(method)} on {e(layer)}, {e(normalize)} scale ({e(", ".join(f"{meta.classes[k]}: 1.0 = {v:.4g}" for k, v in scales.items()))})</p>
-</body></html>"""
+    from medres.templates import render
+
+    record = case.record or {}
+    info = {k: record.get(k) for k in ("format", "modality", "photometric", "bits_stored", "bits_allocated", "transfer_syntax", "sop_class")}
+    scale_text = ", ".join(f"{meta.classes[k]}: 1.0 = {v:.4g}" for k, v in scales.items())
+    return render("report_case.html", css=_CSS, ruo=RUO, case=case, classes=meta.classes, thresholds=thresholds, record=record, info=info,
+                  meta=meta, ckpt_sha=ckpt_sha, method=method, layer=layer, normalize=normalize, scale_text=scale_text, zip=zip)

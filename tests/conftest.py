@@ -69,7 +69,8 @@ def pointing_model(tmp_path_factory):
     cores; validation AUROC ≈ 1.0), with the held-out positives and their lesion masks in model
     space: (model, normalised batch, masks). The same recipe as bench/pointing.py."""
     from medres.config import load_config
-    from medres.data.synthetic import held_out_lesions, make_dataset
+    from medres.data.synthetic import make_dataset
+    from medres.localisation import held_out_lesions
     from medres.train import fit
 
     folder = tmp_path_factory.mktemp("pointing")

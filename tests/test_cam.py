@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from medres.cam import compute_cam, find_layer, pointing_game
+from medres.cam import compute_cam, find_layer
+from medres.localisation import pointing_game
 
 
 class Tiny(nn.Module):
@@ -129,7 +130,8 @@ def test_model_randomisation_changes_maps(pointing_model):
     attributions can flip; Grad-CAM maps are rectified, so an anti-correlated map is a changed map."""
     from scipy.stats import spearmanr
 
-    from medres.cam import randomised_copy, upsample
+    from medres.cam import upsample
+    from medres.localisation import randomised_copy
 
     model, x, masks = pointing_model
     t = torch.ones(len(x), 1, dtype=torch.long)
@@ -244,3 +246,38 @@ def test_raw_maps_match_monai(method):
     else:
         norm = lambda m: m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # noqa: E731
         torch.testing.assert_close(norm(ours), norm(ref), rtol=1e-3, atol=1e-4)
+
+
+def test_occlusion_maps_find_the_evidence():
+    """MONAI occlusion on a model whose class-1 evidence is the top-left quadrant's brightness: the map
+    (drop in log-odds when a patch is occluded) lies in that quadrant; class 0's map of the same
+    image is empty there (occluding evidence for class 1 only raises class 0's log-odds)."""
+    import torch
+    from torch import nn
+
+    from medres.cam import occlusion_maps
+
+    class Quadrant(nn.Module):
+        def forward(self, x):
+            m = x[:, 0, :16, :16].mean(dim=(1, 2))
+            return torch.stack([torch.zeros_like(m), 20 * m], 1)
+
+    x = torch.full((1, 3, 32, 32), -1.0)
+    x[:, :, :16, :16] = 1.0
+    maps, cells = occlusion_maps(Quadrant(), x, torch.tensor([[1, 0]]), cells=8)
+    assert maps.shape == (1, 2, 32, 32) and cells == (8, 8)
+    m1 = maps[0, 0]
+    assert m1[:16, :16].sum() >= 0.85 * m1.sum() > 0 and m1[:16, :16].min() > 0
+    assert m1[24:, :].max() == 0 and m1[:, 24:].max() == 0  # a patch (7 px) away from the quadrant: nothing
+    assert maps[0, 1][:16, :16].sum() == 0
+
+
+def test_report_with_occlusion(trained_run, tmp_path):
+    from medres.data.synthetic import make_dataset
+    from medres.report import report
+
+    manifest = make_dataset(tmp_path / "d", n_per_class=1, size=64, seed=3, dicom_fraction=0.0)
+    summary = report(trained_run / "model.safetensors", [manifest.parent / "images"], tmp_path / "r", method="occlusion", precision="fp32")
+    assert summary["method"] == "occlusion" and summary["ok"] == 3 and summary["map_cells"] == [14, 14]
+    assert all(v > 0 for v in summary["scales"].values())
+    assert "occlusion patches (14×14 cells)" in (tmp_path / "r" / "index.html").read_text()

@@ -70,9 +70,23 @@ def test_temperature_scaling_lowers_ece_of_overconfident_model(fixed):
 
 
 def test_thresholds_youden_and_target_sensitivity(fixed):
+    """Against brute force over every candidate threshold (positive = p >= t): Youden's threshold
+    reaches the maximum J; the sensitivity threshold is the highest one that reaches the target."""
     y, p, _ = fixed
     th, method = choose_thresholds(y, p)
-    assert method == "youden" and all(0 <= t <= 1 for t in th)
-    th95, _ = choose_thresholds(y, p, target_sensitivity=0.95)
+    th95, method95 = choose_thresholds(y, p, target_sensitivity=0.95)
+    assert method == "youden" and method95 == "sensitivity>=0.95"
     for j in range(3):
-        assert np.mean(p[y[:, j] > 0, j] >= th95[j]) >= 0.95
+        pos, neg = p[y[:, j] > 0, j], p[y[:, j] == 0, j]
+
+        def sens(t):
+            return np.mean(pos >= t)
+
+        def youden(t):
+            return sens(t) + np.mean(neg < t) - 1
+
+        candidates = np.unique(p[:, j])
+        assert youden(th[j]) == pytest.approx(max(youden(t) for t in candidates), abs=1e-12)
+        assert sens(th95[j]) >= 0.95
+        higher = candidates[candidates > th95[j]]
+        assert len(higher) == 0 or sens(higher.min()) < 0.95

@@ -1,6 +1,7 @@
 """`medres predict` and `medres export` end to end."""
 
 import csv
+import json
 import shutil
 
 import numpy as np
@@ -98,15 +99,50 @@ def test_bf16_matches_fp32(trained_run, phantoms, tmp_path):
     predict(ckpt, [images], tmp_path / "bf16.csv", precision="bf16", workers=0)
     a, b = pd.read_csv(tmp_path / "fp32.csv"), pd.read_csv(tmp_path / "bf16.csv")
     cols = [c for c in a.columns if c.startswith("prob_")]
-    assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 0.05
+    diff = np.abs(a[cols].to_numpy() - b[cols].to_numpy())
+    assert 0 < diff.max() < 0.05  # close, and not identical: bf16 really ran
     assert (a[cols].to_numpy().argmax(1) == b[cols].to_numpy().argmax(1)).mean() >= 0.95
 
 
+def test_bf16_precision_runs_the_model_under_autocast(trained_run):
+    import torch
+
+    from medres.inference import Predictor
+    from medres.model import load_checkpoint
+
+    seen = []
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model, meta = load_checkpoint(trained_run / "model.safetensors")
+        predictor = Predictor.create(model, meta, precision=precision)
+        handle = predictor.model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        predictor.logits(torch.rand(2, 64, 64))
+        handle.remove()
+        assert seen[-1] == dtype
+
+
 def test_formats_and_tta_and_manifest_input(trained_run, phantoms, tmp_path):
+    """--tta: the views differ from the image, and each row is the mean of the views' probabilities."""
+    import torch
+
+    from medres.inference import Predictor
+    from medres.io import PreprocessSpec, load_image
+    from medres.model import load_checkpoint
+    from medres.predict import tta_views
+
     ckpt = trained_run / "model.safetensors"
-    r = predict(ckpt, [phantoms], tmp_path / "p.jsonl", fmt="jsonl", workers=0, tta=True)
-    lines = (tmp_path / "p.jsonl").read_text().splitlines()
-    assert len(lines) == r.total == len(pd.read_csv(phantoms))
+    r = predict(ckpt, [phantoms], tmp_path / "p.jsonl", fmt="jsonl", workers=0, tta=True, precision="fp32")
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == r.total == len(pd.read_csv(phantoms))
+    model, meta = load_checkpoint(ckpt)
+    predictor = Predictor.create(model, meta, precision="fp32")
+    x = torch.from_numpy(np.stack([load_image(phantoms.parent / row["path"], PreprocessSpec.from_dict(meta.preprocess)).pixels for row in rows[:4]]))
+    views = tta_views(x)
+    assert len(views) == 5 and torch.equal(views[0], x)
+    assert all((v - x).abs().mean() > 1e-3 for v in views[1:])
+    want = np.mean([predictor.probs(predictor.logits(v)) for v in views], axis=0)
+    got = np.array([[float(row[f"prob_{c}"]) for c in meta.classes] for row in rows[:4]])
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    assert np.abs(got - predictor.probs(predictor.logits(x))).max() > 1e-6  # not the plain prediction
     predict(ckpt, [phantoms], tmp_path / "p.parquet", fmt="parquet", workers=0)
     assert len(pd.read_parquet(tmp_path / "p.parquet")) == r.total
 
@@ -161,3 +197,33 @@ def test_torchrun_two_ranks_score_every_file_once(trained_run, phantoms, tmp_pat
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-5
     assert f"{len(b)} files: {len(b)} scored" in r.stdout  # rank 0 prints the totals over both ranks
     assert not [p for p in tmp_path.iterdir() if ".part-" in p.name]
+
+
+def test_monai_bundle_loads_with_monai_and_matches_predict(trained_run, phantoms, tmp_path):
+    """`medres export --format monai-bundle`: MONAI's ConfigParser builds the bundle's network (the
+    TorchScript file) and preprocessing from configs/inference.json, and its `infer` gives medres
+    predict's probabilities (≤ 1e-4) on PNG and DICOM phantoms."""
+    from monai.bundle import ConfigParser
+    from monai.data import load_net_with_metadata
+
+    ckpt = trained_run / "model.safetensors"
+    r = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--format", "monai-bundle", "--out", str(tmp_path / "bundle")])
+    assert r.exit_code == 0, r.output
+    bundle = tmp_path / "bundle"
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "normal", "1": "opacity", "2": "diffuse"}
+    assert meta["medres"]["preprocess"]["image_size"] == 64
+    _, embedded, _ = load_net_with_metadata(str(bundle / "models" / "model.ts"))
+    assert embedded["medres"]["classes"] == ["normal", "opacity", "diffuse"]
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    infer = parser.get_parsed_content("infer")
+    df = pd.read_csv(phantoms)
+    dcm = df["path"].str.endswith(".dcm")
+    df = pd.concat([df[dcm].head(4), df[~dcm].head(4)])
+    assert len(df) == 8
+    predict(ckpt, [phantoms.parent / p for p in df["path"]], tmp_path / "p.csv", precision="fp32", workers=0)
+    want = pd.read_csv(tmp_path / "p.csv")[[f"prob_{c}" for c in parser["classes"]]].to_numpy()
+    got = np.stack([infer(str(phantoms.parent / p)) for p in df["path"]])
+    assert np.abs(got - want).max() <= 1e-4

@@ -105,7 +105,14 @@ def test_demo_command(tmp_path):
     assert "test macro AUROC" in r.output
 
 
-def test_embedded_demo_config_matches_file():
-    from medres.demo_config import DEMO_YAML
+def test_demo_config_is_package_data_and_linked_from_configs():
+    """One copy: the installed package carries demo.yaml; configs/demo.yaml is a link to it."""
+    from importlib.resources import files
 
-    assert DEMO_YAML == (ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")
+    from medres.config import load_config
+    from medres.demo import default_demo_config
+
+    packaged = files("medres") / "demo.yaml"
+    assert packaged.is_file() and default_demo_config() == Path(str(packaged))
+    assert (ROOT / "configs" / "demo.yaml").resolve() == Path(str(packaged)).resolve()
+    assert load_config(default_demo_config()).name == "demo"

@@ -98,10 +98,60 @@ def test_no_identifiers_anywhere(built):
                 assert s not in data, (f, s)
 
 
-def test_faithfulness_and_scale(built):
-    out, summary = built
-    assert 0 <= summary["mean_deletion_auc"] <= 1 and 0 <= summary["mean_insertion_auc"] <= 1
-    assert summary["normalize"] == "shared" and min(summary["scales"].values()) > 0
+def test_faithfulness_against_a_known_model():
+    """Deletion/insertion AUCs on a model whose evidence is known: p(class 1) = sigmoid of the mean
+    brightness of the top-left quadrant. A map on that quadrant deletes the evidence first (low
+    deletion AUC) and inserts it first (high insertion AUC); the opposite map does the reverse; the
+    values equal a trapezoid over the hand-computed curve."""
+    from medres.report import _faithfulness
+
+    class Quadrant:
+        def logits(self, x):
+            m = x[:, :16, :16].mean(dim=(1, 2)).double().numpy()
+            return np.stack([np.zeros_like(m), 40 * (m - 0.86)], 1)  # the blurred start (0.82) reads negative
+
+        def probs(self, z):
+            return 1 / (1 + np.exp(-(z - z[:, :1])))  # softmax of two logits
+
+    pixels = np.full((32, 32), 0.1, np.float32)
+    pixels[:16, :16] = 0.9  # image mean 0.3: a fully deleted quadrant reads as 0.3, well below 0.5
+    right = np.zeros((32, 32), np.float32)
+    right[:16, :16] = 1
+    d_right, i_right = _faithfulness(Quadrant(), pixels, right, 1)
+    d_wrong, i_wrong = _faithfulness(Quadrant(), pixels, 1 - right, 1)
+    assert d_right < d_wrong - 0.3 and i_right > i_wrong + 0.3
+    # Hand computation of the deletion curve for the right map: the quadrant (1/4 of the pixels) is
+    # replaced by the image mean (0.3) over the first 4 of 16 steps.
+    mean = pixels.mean()
+    curve = []
+    for k in range(17):
+        removed = min(256, round(1024 * k / 16))
+        q = (0.9 * (256 - removed) + mean * removed) / 256
+        curve.append(1 / (1 + np.exp(-40 * (q - 0.86))))
+    trapz = getattr(np, "trapezoid", None) or np.trapz
+    assert d_right == pytest.approx(trapz(curve, np.linspace(0, 1, 17)), abs=1e-6)
+
+
+def test_shared_scale_is_absolute(inputs, tmp_path):
+    """The report's per-class scale is in the map's own units: a model whose classifier weights are
+    3x larger gives maps, and scales, exactly 3x larger (multilabel: the CAM target is the logit,
+    linear in fc). Per-image normalisation would hide that."""
+    import torch
+
+    from medres.model import ModelMeta, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(2)
+    meta = ModelMeta(classes=["a", "b"], task="multilabel", preprocess={"image_size": 64}, mean=[0.5] * 3, std=[0.25] * 3)
+    save_checkpoint(tmp_path / "m1.safetensors", model, meta)
+    with torch.no_grad():
+        model.fc.weight *= 3
+    save_checkpoint(tmp_path / "m3.safetensors", model, meta)
+    s1 = report(tmp_path / "m1.safetensors", [inputs], tmp_path / "r1", layer="layer3", precision="fp32")
+    s3 = report(tmp_path / "m3.safetensors", [inputs], tmp_path / "r3", layer="layer3", precision="fp32")
+    assert s1["scales"] and s1["scales"].keys() == s3["scales"].keys()
+    for k in s1["scales"]:
+        assert s3["scales"][k] == pytest.approx(3 * s1["scales"][k], rel=1e-3)
 
 
 def test_bad_layer_and_class(trained_run, inputs, tmp_path):
@@ -162,3 +212,36 @@ def test_multilabel_report_maps_every_positive_label(phantoms, tmp_path):
             n += len(drawn) > 1
         several.append(n)
     assert several[1] > 0, several
+
+
+@pytest.fixture(scope="module")
+def odd_sizes(tmp_path_factory) -> Path:
+    """JPEGs and PNGs of sizes and aspect ratios that exercise every display/geometry branch: a small
+    320x263 JPEG (decoded DCT-reduced for small models), a tall and a wide one, a tiny PNG, and a
+    1500x700 PNG (displayed downscaled)."""
+    d = tmp_path_factory.mktemp("odd_sizes")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"ieee_like.jpg": (263, 320), "tall.jpg": (640, 200), "wide.jpg": (180, 720), "tiny.png": (30, 70), "large.png": (700, 1500)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(d / name, quality=90) if name.endswith(".jpg") else Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(d / name)
+    return d
+
+
+@pytest.mark.parametrize("size", [32, 64, 160])
+@pytest.mark.parametrize("mode", ["letterbox", "crop", "stretch"])
+def test_overlays_for_any_model_size_original_size_and_resize_mode(odd_sizes, tmp_path, size, mode):
+    """Regression: a 64 px model on a 320x263 JPEG crashed in the overlay (the DCT-reduced original
+    did not match the geometry's native size). Every overlay now has its original's full size."""
+    from medres.model import ModelMeta, build_model, save_checkpoint
+
+    import torch
+
+    torch.manual_seed(0)
+    meta = ModelMeta(classes=["a", "b"], task="multiclass", preprocess={"image_size": size, "resize": mode}, mean=[0.5] * 3, std=[0.25] * 3)
+    save_checkpoint(tmp_path / "m.safetensors", build_model(2), meta)
+    summary = report(tmp_path / "m.safetensors", [odd_sizes], tmp_path / "r", layer="layer3", precision="fp32")
+    assert summary["ok"] == 5 and summary["failed"] == 0
+    for index, f in enumerate(sorted(odd_sizes.iterdir())):  # discovery order = case order
+        w, h = Image.open(f).size
+        cam = Image.open(next((tmp_path / "r" / "cases").glob(f"case-{index:05d}_cam_*.png")))
+        scale = min(1.0, 1024 / max(w, h))
+        assert cam.size == (max(1, round(w * scale)), max(1, round(h * scale))), f.name

@@ -211,3 +211,22 @@ def build_manifest(folder: str | Path) -> pd.DataFrame:
     if not rows:
         raise ManifestInvalid(f"{folder}: no images found in class subfolders")
     return pd.DataFrame(rows, columns=["path", "label", "patient_id"])
+
+
+def write_manifest(folder: Path, out: Path, *, overwrite: bool = False) -> pd.DataFrame:
+    """`medres manifest build`: scan a class-per-subfolder tree and write the manifest atomically, its
+    paths relative to the manifest's own folder."""
+    import os
+
+    from medres.errors import OutputExists
+    from medres.files import atomic_write, csv_text
+
+    folder, out = Path(folder), Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExists(f"{out} exists; pass --overwrite to replace it")
+    df = build_manifest(folder)
+    rel = os.path.relpath(folder.resolve(), out.resolve().parent)
+    if rel != ".":
+        df["path"] = [str(Path(rel) / p).replace(os.sep, "/") for p in df["path"]]
+    atomic_write(out, csv_text(list(df.columns), df.values.tolist()))
+    return df

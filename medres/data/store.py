@@ -76,7 +76,7 @@ def dequantise(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) * np.float32(1.0 / np.iinfo(x.dtype).max)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     ok: bool
     code: str

@@ -130,29 +130,3 @@ def make_dataset(
     pd.DataFrame(rows).to_csv(manifest, index=False)
     (out / "phantoms.json").write_text(json.dumps({"classes": list(classes), "size": size, "seed": seed, "n_per_class": n_per_class}))
     return manifest
-
-
-def held_out_lesions(manifest: str | Path, run: str | Path, label: str = "opacity"):
-    """The trained model of `run` and the positive phantoms of `label` outside its training split,
-    ready for the model, with their lesion masks resized exactly like the images:
-    (model, normalised batch, list of bool masks) — the pointing game's ground truth
-    (tests/test_cam.py, bench/pointing.py)."""
-    import torch
-
-    from medres.inference import normalise
-    from medres.io import PreprocessSpec, load_image
-    from medres.io.resize import resize_to_square
-    from medres.model import load_checkpoint
-
-    manifest, run = Path(manifest), Path(run)
-    model, meta = load_checkpoint(run / "model.safetensors")
-    splits = pd.read_csv(run / "splits.csv")
-    df = pd.read_csv(manifest).merge(splits[["path", "split"]], on="path")
-    pos = df[(df["label"] == label) & (df["split"] != "train")]
-    spec = PreprocessSpec.from_dict(meta.preprocess)
-    xs, masks = [], []
-    for row in pos.itertuples():
-        xs.append(load_image(manifest.parent / row.path, spec).pixels)
-        mask = np.asarray(Image.open(manifest.parent / row.mask), dtype=np.float32) / 255
-        masks.append(resize_to_square(mask, spec.image_size, spec.resize)[0] > 0.5)
-    return model, normalise(torch.from_numpy(np.stack(xs)), meta.mean, meta.std, meta.in_channels), masks

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from medres.files import atomic_path, atomic_write
 from medres.io.record import Record
 
 
@@ -49,26 +48,8 @@ class ImageCache:
 
     def put(self, key: str, arr: np.ndarray, record: Record) -> None:
         npy, meta = self._paths(key)
-        npy.parent.mkdir(parents=True, exist_ok=True)
         d = record.to_dict()
         d["path"] = ""  # the same content may live under several names
-        _atomic_write(meta, json.dumps(d).encode())
-        fd, tmp = tempfile.mkstemp(dir=npy.parent, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr.astype(np.float32, copy=False), allow_pickle=False)
-            os.replace(tmp, npy)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(meta, json.dumps(d), durable=False)  # a cache: re-creatable, no fsync
+        with atomic_path(npy, durable=False) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, arr.astype(np.float32, copy=False), allow_pickle=False)

@@ -2,7 +2,7 @@
 
 stored values → Modality LUT Sequence or Rescale Slope/Intercept → VOI LUT Sequence or
 Window Center/Width (LINEAR, LINEAR_EXACT, SIGMOID) → MONOCHROME1 inversion → Presentation LUT
-Shape INVERSE. Each step is recorded. The result is float32 in [0, 1] with bright = dense
+Shape INVERSE or Presentation LUT Sequence (P-values). Each step is recorded. The result is float32 in [0, 1] with bright = dense
 (MONOCHROME2 convention), never inverted twice.
 
 Decoding uses pydicom 3's pixel backend (`Dataset.pixel_array`), which masks unused high bits,
@@ -125,7 +125,7 @@ def validate_pixel_module(ds: pydicom.Dataset, rec: Record, *, max_megapixels: f
         raise InvalidPixelModule(f"Rows x Columns must be positive, got {rows} x {cols}")
     if bits_alloc == 1:
         raise InvalidPixelModule("BitsAllocated 1 (binary/segmentation object, not a radiograph)")
-    if bits_alloc % 8 or not 8 <= bits_alloc <= 32:
+    if bits_alloc not in (8, 16, 32):  # 24 is a multiple of 8 but no greyscale image uses it (PS3.5 8.1.1)
         raise InvalidPixelModule(f"BitsAllocated must be 8, 16 or 32, got {bits_alloc}")
     if not 1 <= bits_stored <= bits_alloc:
         raise InvalidPixelModule(f"BitsStored {bits_stored} must be between 1 and BitsAllocated {bits_alloc}")
@@ -155,10 +155,10 @@ def validate_pixel_module(ds: pydicom.Dataset, rec: Record, *, max_megapixels: f
         raise UnsupportedTransferSyntax(f"unknown transfer syntax {uid}")
     if uid.is_compressed:
         try:
-            decoder = pydicom.pixels.get_decoder(uid)
+            pydicom.pixels.get_decoder(uid)
         except NotImplementedError:
             raise UnsupportedTransferSyntax(f"no decoder exists for transfer syntax '{uid.name}' ({uid})") from None
-        if not decoder.is_available:
+        if not _decoder_available(uid):
             raise DecoderMissing(
                 f"no installed decoder for '{uid.name}' ({uid}); install: pip install {package_for(uid)}"
             )
@@ -175,6 +175,13 @@ def validate_pixel_module(ds: pydicom.Dataset, rec: Record, *, max_megapixels: f
         rec.warn("BurnedInAnnotation YES: the pixels may contain text")
 
 
+def _decoder_available(uid: UID) -> bool:
+    try:
+        return bool(pydicom.pixels.get_decoder(uid).is_available)
+    except NotImplementedError:
+        return False
+
+
 def decode(ds: pydicom.Dataset, rec: Record, frame: int | None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
@@ -185,10 +192,12 @@ def decode(ds: pydicom.Dataset, rec: Record, frame: int | None) -> np.ndarray:
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 — codec boundary: C/Rust plugins raise many types, pyo3's PanicException derives from BaseException
-        text = str(exc).lower()
-        if "missing" in text and ("plugin" in text or "dependenc" in text):
-            uid = UID(str(ds.file_meta.TransferSyntaxUID))
+        # DECODER_MISSING is decided by pydicom's decoder-availability API, never by message text: a
+        # damaged stream ("SOI marker missing") must be DECODE_FAILED, not advice to pip install.
+        uid = UID(str(ds.file_meta.TransferSyntaxUID))
+        if uid.is_compressed and not _decoder_available(uid):
             raise DecoderMissing(f"no working decoder for '{uid.name}'; install: pip install {package_for(uid)}") from None
+        text = str(exc).lower()
         if "shorter" in text or "truncat" in text or "insufficient" in text or "not enough" in text:
             raise PixelDataShort("pixel data is shorter than the image module declares") from None
         raise DecodeFailed(f"pixel data could not be decoded ({type(exc).__name__})") from None
@@ -361,8 +370,27 @@ def presentation_transform(x: np.ndarray, ds: pydicom.Dataset, rec: Record) -> n
         x = 1.0 - x
         rec.step("PresentationLUTShape INVERSE: inverted")
     if "PresentationLUTSequence" in ds:
-        rec.warn("Presentation LUT Sequence present: not applied")
+        x = _presentation_lut(x, ds, rec)
     return x.astype(np.float32, copy=False)
+
+
+def _presentation_lut(x: np.ndarray, ds: pydicom.Dataset, rec: Record) -> np.ndarray:
+    """Presentation LUT Sequence (PS3.3 C.11.6): VOI output → P-values. Its input range is the whole VOI
+    output range ([0, 1] here), quantised to the LUT's entries. pydicom parses the LUT (US/OW data,
+    unused high bits masked): applying `apply_presentation_lut` to a ramp of the entry indices returns
+    the table itself. Calling it on the image would rescale the image's own min..max instead."""
+    try:
+        item = ds.PresentationLUTSequence[0]
+        entries, _, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 65536
+        lut = pydicom.pixels.apply_presentation_lut(np.arange(entries, dtype=np.float32), ds).astype(np.float32)
+    except Exception as exc:  # malformed LUT; pydicom raises several types
+        raise InvalidPixelModule(f"Presentation LUT Sequence unusable ({type(exc).__name__})") from None
+    if len(lut) != entries or not 1 <= bits <= 16:
+        raise InvalidPixelModule(f"Presentation LUT Sequence: descriptor says {entries} entries of {bits} bits, data has {len(lut)}")
+    idx = np.rint(np.clip(x, 0.0, 1.0) * (entries - 1)).astype(np.int64)
+    rec.step(f"Presentation LUT Sequence: {entries} entries, {bits}-bit P-values")
+    return lut[idx] / np.float32(2**bits - 1)
 
 
 def load_dicom(path: Path, rec: Record, *, voi: str | int, max_megapixels: float, preamble: bool, frame: int | None = None) -> np.ndarray:

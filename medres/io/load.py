@@ -41,12 +41,13 @@ def sniff(path: Path) -> str:
     raise NotAnImage("content is not DICOM, PNG, JPEG, TIFF or BMP")
 
 
-def decode_file(path: Path, spec: PreprocessSpec, rec: Record, *, frame: int | None = None) -> np.ndarray:
-    """File → native-resolution float32 in [0, 1] (bright = dense), steps in `rec`."""
+def decode_file(path: Path, spec: PreprocessSpec, rec: Record, *, frame: int | None = None, reduce: bool = True) -> np.ndarray:
+    """File → float32 in [0, 1] (bright = dense), steps in `rec`. With `reduce`, large JPEGs may be
+    decoded at 1/2–1/8 scale when the model input is much smaller (`rec.native_size` keeps the size)."""
     kind = sniff(path)
     try:
         if kind == "raster":
-            return load_raster(path, rec, max_megapixels=spec.max_megapixels, target_size=spec.image_size)
+            return load_raster(path, rec, max_megapixels=spec.max_megapixels, target_size=spec.image_size if reduce else None)
         return load_dicom(path, rec, voi=spec.voi, max_megapixels=spec.max_megapixels, preamble=(kind == "dicom"), frame=frame)
     except (IngestError, KeyboardInterrupt, SystemExit, MemoryError):
         raise
@@ -86,7 +87,7 @@ def load_image(
                 rec.cached = True
                 return LoadedImage(arr, rec)
         rec = Record(path=shown)
-        x = decode_file(path, spec, rec, frame=frame)
+        x = decode_file(path, spec, rec, frame=frame, reduce=not keep_original)  # reports show full resolution
         native = tuple(rec.native_size) if rec.native_size else x.shape
         pixels, geometry = resize_to_square(x, spec.image_size, spec.resize, original_hw=native)
         rec.geometry = geometry

@@ -48,3 +48,15 @@ def resize_to_square(x: np.ndarray, size: int, mode: str, *, original_hw: tuple[
         scale_y=nh / oh, scale_x=nw / ow, offset_y=float(oy), offset_x=float(ox),
     )
     return out, geom
+
+
+def fit_within(x: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """(H, W) image → float32 no larger than `max_side` a side (antialiased), and the scale used."""
+    h, w = x.shape
+    s = min(1.0, max_side / max(h, w))
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) * np.float32(1 / 255)
+    if s < 1.0:
+        img = Image.fromarray(x.astype(np.float32, copy=False), mode="F").resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.float32), s
+    return x.astype(np.float32, copy=False), 1.0

@@ -183,5 +183,5 @@ def test_missing_manifest_or_weights_make_no_run_folder(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "manifest not found" in r.output and "nope.csv" in r.output
     (tmp_path / "m.csv").write_text("path,label,patient_id\na.png,normal,1\n")
     r = runner.invoke(app, ["train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", "data.manifest=m.csv", "--set", "model.weights=missing.pth", "-q"])
-    assert r.exit_code != 0 and "missing.pth" in r.output
+    assert r.exit_code == 3 and "WEIGHTS_NOT_FOUND" in r.output and "missing.pth" in r.output
     assert not (tmp_path / "runs").exists()
