@@ -1,5 +1,5 @@
 """Training throughput: `medres train`'s step (bf16 autocast where supported, channels_last, batched
-augmentation from the in-memory decoded set) vs a plain fp32 eager loop on the same model and batch,
+augmentation, batches read from the on-disk image store) vs a plain fp32 eager loop on the same model and batch,
 plus the share of wall time spent on data with a warm cache.
 
     .venv/bin/python bench/train.py [--size 224] [--batch 16] [--steps 6]
@@ -44,12 +44,12 @@ def medres_run(size: int, batch: int, steps: int) -> dict:
     n_per_class = max(8, (steps + 2) * batch // 2 + 4)
     manifest = make_dataset(tmp / "data", n_per_class=n_per_class, size=size, seed=0)
     overrides = [f"data.manifest={manifest}", "data.classes=[normal,opacity,diffuse]", f"data.image_size={size}", f"train.batch_size={batch}",
-                 "train.epochs=1", f"train.max_steps_per_epoch={steps}", "train.calibrate=false", f"data.cache_dir={tmp / 'cache'}",
+                 "train.epochs=1", f"train.max_steps_per_epoch={steps}", "train.calibrate=false", f"data.store_dir={tmp / 'store'}",
                  "data.val_fraction=0.05", "data.test_fraction=0.05", "model.weights=none"]
     cfg = load_config(None, overrides)
-    prepare_data(cfg, None)  # cold: fills the cache
+    prepare_data(cfg, None)  # cold: builds the image store
     t0 = time.perf_counter()
-    prepare_data(cfg, None)  # warm: what every later run pays for data
+    prepare_data(cfg, None)  # warm: what every later run pays for data (the store is reused)
     data_s = time.perf_counter() - t0
     # One warm-up run (allocator, oneDNN kernels), then the measured one.
     fit(load_config(None, overrides + ["train.max_steps_per_epoch=2"]), tmp / "warm", show_progress=False)

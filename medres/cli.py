@@ -22,6 +22,8 @@ from medres.errors import MedresError, UsageError
 app = typer.Typer(add_completion=True, no_args_is_help=True, help="medres: fine-tune, evaluate, score and explain a ResNet50 on chest X-rays. Research use only — not for diagnosis.")
 manifest_app = typer.Typer(no_args_is_help=True, help="Build and check CSV manifests.")
 app.add_typer(manifest_app, name="manifest")
+weights_app = typer.Typer(no_args_is_help=True, help="Pretrained weight files on machines without internet: check, import, list.")
+app.add_typer(weights_app, name="weights")
 
 
 def _err(text: str) -> None:
@@ -385,6 +387,44 @@ def manifest_check(
 
 
 # --- demo ------------------------------------------------------------------------------------------
+@weights_app.command("import")
+def weights_import(
+    file: Path = typer.Argument(..., help="A weight file (.pth/.pt/.safetensors; torchvision, torchxrayvision, DDP or medres layout)."),
+    as_: Optional[str] = typer.Option(None, "--as", help="imagenet: file it under torchvision's name so model.weights: imagenet finds it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different file of the same name."),
+) -> None:
+    """Check a weight file (safe read, layout, strict ResNet50 shapes, the sha256 prefix in its name) and copy it into $TORCH_HOME/hub/checkpoints.
+
+    Example: medres weights import /media/usb/resnet50-11ad3fa6.pth --as imagenet
+    """
+    from medres.weights import import_weights
+
+    if as_ not in (None, "imagenet"):
+        raise typer.BadParameter(f"--as {as_!r}: only 'imagenet' is known", param_hint="--as")
+    info = _run(lambda: import_weights(file, as_imagenet=as_ == "imagenet", overwrite=overwrite))
+    typer.echo(f"imported {info.path} ({info.layout} layout, sha256 {info.sha256[:16]}…){'; model.weights: imagenet will use it' if info.imagenet else ''}")
+
+
+@weights_app.command("list")
+def weights_list(
+    files: List[Path] = typer.Argument(None, help="Other weight files to check as well."),
+) -> None:
+    """Show the weight files in $TORCH_HOME/hub/checkpoints (and any given): layout, sha256, whether model.weights: imagenet uses it, problems.
+
+    Example: medres weights list
+    """
+    from medres.model import hub_checkpoint_dir
+    from medres.weights import list_weights
+
+    infos = _run(lambda: list_weights(files))
+    typer.echo(f"hub cache: {hub_checkpoint_dir()}")
+    if not infos:
+        typer.echo("  (no weight files)")
+    for i in infos:
+        status = f"PROBLEM: {i.problem}" if i.problem else ("used by model.weights: imagenet" if i.imagenet else "ok (model.weights: PATH)")
+        typer.echo(f"  {i.path.name}  {i.layout or '-'}  {i.size_bytes / 1e6:.1f} MB  sha256 {i.sha256[:16]}…  {status}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo folder."),

@@ -7,7 +7,9 @@ state dicts load strictly. A 224×224 input gives a (B, 2048, 7, 7) feature map.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,6 +132,33 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+# torch.hub's rule (hub.py HASH_REGEX / check_hash): a file named `<name>-<hex>.<ext>` must have a
+# sha256 that starts with <hex> (torchvision's names carry the first 8 hex digits).
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_hash_prefix(path: str | Path, digest: str | None = None) -> str | None:
+    """The hash prefix in the file name, checked against the file's sha256 (returned prefix), or None
+    when the name carries none. A mismatch is WEIGHTS_INVALID: a corrupt or substituted file."""
+    path = Path(path)
+    match = _HASH_IN_NAME.search(path.name)
+    if not match:
+        return None
+    digest = digest or sha256_of(path)
+    if not digest.startswith(match.group(1)):
+        raise WeightsError(f"{path.name}: sha256 starts with {digest[:len(match.group(1))]}, the file name promises {match.group(1)} — "
+                           "the file is corrupt or not the one its name says; copy it again (medres weights import checks it)")
+    return match.group(1)
+
+
 def find_imagenet_file() -> Path:
     folder = hub_checkpoint_dir()
     for name in TORCHVISION_FILES:
@@ -213,6 +242,8 @@ def load_source_weights(spec: str) -> SourceWeights | None:
     if spec == "none":
         return None
     path = find_imagenet_file() if spec == "imagenet" else Path(spec)
+    if spec == "imagenet":
+        verify_hash_prefix(path)  # never a silent load of a corrupt download
     state, metadata = read_weight_file(path)
     state, layout = remap_keys(state)
     mean, std = IMAGENET_MEAN, IMAGENET_STD

@@ -115,6 +115,31 @@ def _set_backbone_trainable(model: torch.nn.Module, trainable: bool) -> None:
             p.requires_grad_(trainable)
 
 
+def _set_stage(run: "_Run", *, trainable: bool) -> None:
+    """Linear probe (backbone frozen) or full fine-tune. Under DDP the wrapper is rebuilt when the stage
+    changes: DDP registers the parameters that require grad when it is constructed, and toggling
+    requires_grad under an existing wrapper leaves its reducer waiting for gradients that never come."""
+    if run.trainable == trainable:
+        return
+    base = run.base
+    _set_backbone_trainable(base, trainable)
+    if run.distributed:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.model = torch.nn.parallel.DistributedDataParallel(base, device_ids=device_ids)
+    run.trainable = trainable
+
+
+def _check_ranks_agree(run: "_Run") -> None:
+    """DDP: every rank must end with the same weights (and BatchNorm statistics); a per-tensor checksum
+    is all-gathered and compared."""
+    sums = torch.stack([t.detach().double().sum() for t in run.base.state_dict().values() if t.is_floating_point()]).cpu()
+    gathered = [torch.zeros_like(sums) for _ in range(run.world)]
+    dist.all_gather(gathered, sums)
+    if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):
+        raise TrainingError("DDP ranks ended with different weights; the run is not valid")
+    log.info("all %d ranks hold identical weights", run.world)
+
+
 def _backbone_bn_eval(model: torch.nn.Module) -> None:
     for name, m in unwrap_model(model).named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -172,6 +197,8 @@ class _Run:
     warmup: int
     rank: int = 0
     world: int = 1
+    distributed: bool = False
+    trainable: bool | None = None  # the backbone's current stage (None: not set yet)
     step: int = 0
     best: float = -math.inf
     stale: int = 0
@@ -232,6 +259,10 @@ def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
             if rank == 0:
                 history.append(_validate_and_checkpoint(run, epoch, record))
             if distributed:
+                # DDP syncs BatchNorm statistics from rank 0 only at the next forward: after an epoch's
+                # last step each rank holds its own. Rank 0's (the checkpoint's) go to every rank now.
+                for buf in run.base.buffers():
+                    dist.broadcast(buf, 0)
                 flags = torch.tensor([run.stale], dtype=torch.long)
                 dist.broadcast(flags, 0)
                 run.stale = int(flags.item())
@@ -244,6 +275,7 @@ def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
         summary["calibration"] = calibrate_run(out, store, run.val_rows, run.targets[run.val_rows], cfg, device, run.dtype)
     store.close()
     if distributed:
+        _check_ranks_agree(run)
         dist.barrier()
         dist.destroy_process_group()
     return summary
@@ -269,9 +301,7 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
         mean, std = norm_for_channels(IMAGENET_MEAN, IMAGENET_STD, cfg.model.in_channels)
     model = model.to(device).to(memory_format=torch.channels_last) if cfg.train.channels_last else model.to(device)
     dtype = resolve_precision(cfg.train.precision, device)
-    train_model = model
-    if distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = model  # wrapped in DDP per stage by _set_stage under torchrun
 
     freeze_epochs, backbone_mult = cfg.train.freeze_epochs, cfg.train.backbone_lr_mult
     if source is None and (freeze_epochs or backbone_mult < 1):
@@ -299,6 +329,7 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
         model=train_model, meta=meta, optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
         loss_fn=_loss_fn(cfg, y[train_rows], device), freeze_epochs=freeze_epochs, steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * cfg.train.epochs, warmup=int(cfg.train.warmup_epochs * steps_per_epoch), rank=rank, world=world,
+        distributed=distributed,
     )
 
 
@@ -322,7 +353,7 @@ def _train_epoch(run: _Run, epoch: int, tick) -> dict:
     torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
     frozen = epoch < run.freeze_epochs
-    _set_backbone_trainable(run.model, not frozen)
+    _set_stage(run, trainable=not frozen)
     run.model.train()
     if frozen:
         _backbone_bn_eval(run.model)
