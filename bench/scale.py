@@ -107,7 +107,7 @@ print(json.dumps({"scored": r.scored, "seconds": r.seconds, "bytes_written": r.b
 """
 
 
-def one_size(n: int, work: Path, steps: int, workers: int) -> dict:
+def one_size(n: int, work: Path, steps: int, workers: int, only: str = "all") -> dict:
     py = sys.executable
     data = work / f"data-{n}"
     t0 = time.perf_counter()
@@ -117,6 +117,8 @@ def one_size(n: int, work: Path, steps: int, workers: int) -> dict:
     store_dir = work / "store"
     base = [f"data.manifest={manifest}", "data.classes=[normal,opacity]", f"data.store_dir={store_dir}", "model.weights=none", "train.epochs=1",
             f"train.num_workers={workers}", "train.calibrate=false", "train.batch_size=32"]
+    if only == "predict":
+        return {"n": n, **predict_only(n, work, data, base, workers)}
     # 1. store build vs predict's decode path, same files, same spec and workers.
     _, build_rss, out = measured([py, "-c", PY_STORE, *base, "data.image_size=224"])
     build = json.loads(out.strip().splitlines()[-1])
@@ -142,6 +144,18 @@ def one_size(n: int, work: Path, steps: int, workers: int) -> dict:
     return result
 
 
+def predict_only(n: int, work: Path, data: Path, base: list[str], workers: int) -> dict:
+    py = sys.executable
+    measured([py, "-m", "medres", "train", "-q", "--out", str(work / f"run32-{n}"), *sum((["--set", a] for a in base + ["data.image_size=32", "train.max_steps_per_epoch=1"]), [])])
+    table_path = work / f"pred-{n}.csv"
+    _, rss, out = measured([py, "-c", PY_PREDICT, str(work / f"run32-{n}" / "model.safetensors"), str(data), str(table_path), str(workers)])
+    pred = json.loads(out.strip().splitlines()[-1])
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(work / "store", ignore_errors=True)
+    return {"predict_peak_rss": rss, "predict_images_per_s": pred["scored"] / pred["seconds"], "predict_bytes_written": pred["bytes_written"],
+            "predict_table_bytes": table_path.stat().st_size}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 100000])
@@ -149,13 +163,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--only", choices=["all", "predict"], default="all", help="predict: only the predict measurement")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="medres-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in args.sizes:
-        results.append(one_size(n, work, args.steps, args.workers))
+        results.append(one_size(n, work, args.steps, args.workers, args.only))
         print(json.dumps(results[-1]), flush=True)
+    if args.only == "predict":
+        print(f"\n{machine()}; predict with a 32 px model; {args.workers} decoding workers\n")
+        print(table([(f"{r['n']:,}", f"{r['predict_images_per_s']:.0f}", f"{r['predict_peak_rss'] / 1e9:.2f} GB", f"{r['predict_bytes_written'] / r['predict_table_bytes']:.2f}") for r in results],
+                    ("N", "predict img/s", "predict peak RSS", "bytes written / table")))
+        save("scale_predict", {"machine": machine(), "workers": args.workers, "results": results})
+        return
     gb = 1e9
     first = results[0]["train_peak_rss"]
     rows = [(f"{r['n']:,}", f"{r['store_build_images_per_s']:.0f}", f"{r['predict_decode_images_per_s']:.0f}",

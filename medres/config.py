@@ -75,7 +75,7 @@ class TrainConfig(_Strict):
     deterministic: bool = Field(False, description="Deterministic kernels (slower) so --resume equals an uninterrupted run.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     num_workers: int | None = Field(None, ge=0, description="Processes decoding images into the store (None: one per core; 0: in-process).")
-    loader_workers: int = Field(1, ge=0, description="DataLoader processes reading training batches from the store (0: in the training process).")
+    loader_workers: int | None = Field(None, ge=0, description="DataLoader processes reading training batches from the store (None: 0 on CPU, where a reader process takes a core from the model; 4 on CUDA).")
     early_stopping: int = Field(0, ge=0, description="Stop after this many epochs without a better validation AUROC (0: off).")
     max_steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch (0: all); for smoke tests.")
     calibrate: bool = Field(True, description="Fit temperature scaling and operating points on validation at the end.")

@@ -359,7 +359,8 @@ def _train_epoch(run: _Run, epoch: int, tick) -> dict:
         _backbone_bn_eval(run.model)
     order = _epoch_order(len(run.train_rows), run.targets[run.train_rows], cfg, epoch, run.rank, run.world)
     batches = [run.train_rows[order[s * cfg.train.batch_size : (s + 1) * cfg.train.batch_size]] for s in range(run.steps_per_epoch)]
-    loader = epoch_loader(run.store, [b for b in batches if len(b)], run.targets, workers=cfg.train.loader_workers, pin_memory=run.device.type == "cuda")
+    workers = cfg.train.loader_workers if cfg.train.loader_workers is not None else (4 if run.device.type == "cuda" else 0)
+    loader = epoch_loader(run.store, [b for b in batches if len(b)], run.targets, workers=workers, pin_memory=run.device.type == "cuda", seed=cfg.train.seed * 1000 + epoch)
     aug = AugmentSpec(hflip=cfg.train.hflip)
     t0, seen, losses = time.perf_counter(), 0, []
     for s, (xb, yb) in enumerate(loader):

@@ -226,7 +226,7 @@ def odd_sizes(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("size", [32, 64, 160])
+@pytest.mark.parametrize("size", [64, 160])  # 64: the reported crash (DCT-reduced JPEG); 160: display downscale
 @pytest.mark.parametrize("mode", ["letterbox", "crop", "stretch"])
 def test_overlays_for_any_model_size_original_size_and_resize_mode(odd_sizes, tmp_path, size, mode):
     """Regression: a 64 px model on a 320x263 JPEG crashed in the overlay (the DCT-reduced original

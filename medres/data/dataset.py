@@ -45,11 +45,14 @@ class _Batches(Dataset):
         return torch.from_numpy(self.store.read(rows)), torch.from_numpy(self.targets[rows])
 
 
-def epoch_loader(store: ImageStore, batches: list[np.ndarray], targets: np.ndarray, *, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """`batches`: store rows of each step, in order. `targets`: (N_store, C) indexed by store row."""
+def epoch_loader(store: ImageStore, batches: list[np.ndarray], targets: np.ndarray, *, workers: int = 0, pin_memory: bool = False, seed: int = 0) -> DataLoader:
+    """`batches`: store rows of each step, in order. `targets`: (N_store, C) indexed by store row.
+    The loader's own generator seeds its workers, so it never draws from torch's global RNG (dropout
+    masks stay what they would be without workers)."""
     return DataLoader(
         _Batches(store, batches, targets), batch_size=None, shuffle=False, num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=4 if workers else None, persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
