@@ -240,6 +240,8 @@ def predict(
     scorer = Predictor.create(model, meta, device=device, precision=precision)
     onnx = OnnxBackend(onnx_path, meta) if backend == "onnx" else None
     journal = Journal(out, columns(meta), fmt, name=f".{out.name}.part-{ranks[0]}-of-{ranks[1]}" if ranks else None)
+    if journal.path.exists() and not (resume or overwrite):  # a killed run's rows: never dropped silently
+        raise OutputExists(f"{journal.path} holds the rows of an interrupted run; pass --resume to continue it or --overwrite to start over")
     if ranks and resume and out.exists() and not journal.path.exists():
         raise UsageError(f"{out} is complete; under torchrun --resume continues from the per-rank journals of a killed run (use --overwrite to score again)")
     done = journal.start(resume=resume)

@@ -67,6 +67,9 @@ def test_kill_9_then_resume(trained_run, tmp_path):
     kept = pd.read_csv(journal)
     assert 20 <= len(kept) < 150 and kept["status"].eq("ok").all() and kept["prob_normal"].notna().all()
     assert list(kept["path"]) == [f"{i:03d}.png" for i in range(len(kept))]  # rows leave in input order
+    r = runner.invoke(app, ["predict", "--checkpoint", ckpt, str(d), "--out", str(out), "-q", "--workers", "1"])
+    assert r.exit_code == 2 and "OUTPUT_EXISTS" in r.output and "--resume" in r.output  # a plain rerun keeps the journal
+    assert len(pd.read_csv(journal)) == len(kept)
     r = runner.invoke(app, ["predict", "--checkpoint", ckpt, str(d), "--out", str(out), "-q", "--resume", "--workers", "1"])
     assert r.exit_code == 0, r.output
     assert f"{len(kept)} already done" in r.output
