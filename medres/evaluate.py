@@ -261,7 +261,7 @@ def evaluate(
         from medres.plots import write_plots
 
         result["plots"] = write_plots(out, y, p_raw, p_cal, meta, thresholds)
-        atomic_write(out / "report.html", render_html(result, meta))
+        atomic_write(out / "report.html", render_html(result))
     return result
 
 
@@ -277,7 +277,7 @@ def _clean(obj):
     return obj
 
 
-def render_html(result: dict, meta: ModelMeta) -> str:
+def render_html(result: dict) -> str:
     from medres.templates import render
 
     return render("evaluate.html", r=result, keys=CI_KEYS)

@@ -217,7 +217,6 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
 class ScoredBatch:
     items: list[Decoded]  # every file of the batch, in input order
     x: torch.Tensor | None = None  # (B_ok, S, S) pixels of the good ones
-    logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (B_ok, C), plain view
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (B_ok, C), calibrated
 
     @property
@@ -252,9 +251,7 @@ def scored_batches(
             batch.x = torch.from_numpy(np.stack([d.pixels for d in good]))
             logits_of = onnx.logits if onnx is not None else scorer.logits
             views = tta_views(batch.x) if tta else [batch.x]
-            logits = [logits_of(v) for v in views]
-            batch.logits = logits[0]
-            batch.probs = np.mean([scorer.probs(z) for z in logits], axis=0)
+            batch.probs = np.mean([scorer.probs(logits_of(v)) for v in views], axis=0)
         return batch
 
     for d in decoded_stream(files, spec=spec, cache_dir=cache_dir, workers=workers, display_max=display_max):

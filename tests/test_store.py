@@ -257,13 +257,16 @@ def test_loader_workers_do_not_change_training(phantoms, tmp_path):
 
 
 def test_bad_file_is_skipped_and_listed(phantoms, tmp_path):
+    """(A copy of the phantoms: the session's shared folder must not gain a broken file.)"""
+    import shutil
+
     from medres.train import fit
 
+    shutil.copytree(phantoms.parent / "images", tmp_path / "data" / "images")
     df = pd.read_csv(phantoms)
-    bad = phantoms.parent / "images" / "not_an_image.png"
-    bad.write_text("hello")
+    (tmp_path / "data" / "images" / "not_an_image.png").write_text("hello")
     df.loc[len(df)] = {**df.iloc[0].to_dict(), "path": "images/not_an_image.png", "patient_id": "bad-1"}
-    m = phantoms.parent / "with_bad.csv"
+    m = tmp_path / "data" / "with_bad.csv"
     df.to_csv(m, index=False)
     fit(_cfg(m), tmp_path / "run", show_progress=False)
     skipped = pd.read_csv(tmp_path / "run" / "skipped.csv")

@@ -34,7 +34,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -365,11 +364,6 @@ class ImageStore:
     def disk_bytes(self) -> int:
         """Bytes actually allocated on disk (the array is sparse until rows are written)."""
         return sum(os.stat(p).st_blocks * 512 for p in self.folder.iterdir() if p.is_file())
-
-    def remove(self) -> None:
-        self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
 
 def _stat(path: str) -> tuple[int, int]:
     try:
