@@ -109,12 +109,6 @@ def _epoch_order(n_train: int, y_train: np.ndarray, cfg: Config, epoch: int, ran
     return order
 
 
-def _set_backbone_trainable(model: torch.nn.Module, trainable: bool) -> None:
-    for name, p in unwrap_model(model).named_parameters():
-        if not name.startswith("fc."):
-            p.requires_grad_(trainable)
-
-
 def _set_stage(run: "_Run", *, trainable: bool) -> None:
     """Linear probe (backbone frozen) or full fine-tune. Under DDP the wrapper is rebuilt when the stage
     changes: DDP registers the parameters that require grad when it is constructed, and toggling
@@ -122,7 +116,8 @@ def _set_stage(run: "_Run", *, trainable: bool) -> None:
     if run.trainable == trainable:
         return
     base = run.base
-    _set_backbone_trainable(base, trainable)
+    for p in base.backbone_parameters():
+        p.requires_grad_(trainable)
     if run.distributed:
         device_ids = [run.device.index] if run.device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(base, device_ids=device_ids)
@@ -169,8 +164,9 @@ def prepare_data(cfg: Config, out: Path | None, *, progress=None, manifest: Mani
     audit_leakage(manifest, splits, group_by=cfg.data.group_by, digests=[d or f"missing-{i}" for i, d in enumerate(store.digests())], allow=cfg.data.allow_leakage)
     if out is not None and _rank()[0] == 0:
         atomic_write(out / "splits.csv", splits_frame(manifest, splits).to_csv(index=False))
-        if store.errors():  # each was logged as it was decoded; the list stays with the run
-            atomic_write(out / "skipped.csv", csv_text(["row", "code", "message"], [list(e) for e in store.errors()]))
+        errors = store.errors()
+        if errors:  # each was logged as it was decoded; the list stays with the run
+            atomic_write(out / "skipped.csv", csv_text(["row", "code", "message"], [list(e) for e in errors]))
     return manifest, splits, store
 
 
