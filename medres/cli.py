@@ -175,6 +175,11 @@ def evaluate(
         typer.echo(f"  {c}: AUROC {row['auroc']:.3f}  sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}")
     cal = result["calibration"]
     typer.echo(f"ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} after temperature {cal['temperature']:.2f}")
+    if result.get("conformal"):
+        cf = result["conformal"]
+        typer.echo(f"conformal sets ({cf['method']}, target {cf['target']:.2f}): coverage {cf['coverage']:.3f}, mean set size {cf['mean_set_size']:.2f}")
+    if result.get("ood"):
+        typer.echo(f"input gate: {result['ood']['flagged']} of {result['images']} images flagged out of distribution")
     for w in result["warnings"]:
         typer.echo(f"warning: {w}")
     typer.echo(f"report: {out / 'report.html'}")
@@ -186,17 +191,21 @@ def calibrate(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="model.safetensors to update."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest with a val split (or use --run)."),
     target_sensitivity: Optional[float] = typer.Option(None, "--target-sensitivity", help="Operating point at this sensitivity instead of Youden's J."),
+    coverage: float = typer.Option(0.9, "--coverage", min=0.5, max=0.999, help="Target coverage of the conformal prediction sets."),
+    conformal: Literal["aps", "lac"] = typer.Option("aps", "--conformal", help="Conformal score for multiclass: aps (adaptive) or lac (smallest sets)."),
+    ood_quantile: float = typer.Option(0.99, "--ood-quantile", min=0.5, max=0.9999, help="OOD threshold: this quantile of the validation images' scores."),
     store_dir: Optional[Path] = typer.Option(None, "--store-dir", help="Decoded-image store folder (default: the run's data.store_dir, else $MEDRES_STORE_DIR or ~/.cache/medres/store)."),
 ) -> None:
-    """Fit temperature scaling and operating points on the validation split; store them in the checkpoint.
+    """Fit temperature scaling, operating points, conformal sets (validation split) and the input gate
+    (OOD detector on the train split, threshold on validation); store them in the checkpoint.
 
-    Example: medres calibrate --run runs/covid --target-sensitivity 0.95
+    Example: medres calibrate --run runs/covid --target-sensitivity 0.95 --coverage 0.9
     """
     from medres.evaluate import calibrate as run_cal
 
     def go():
         ckpt, man, splits, store = _run_paths(run, checkpoint, manifest, store_dir)
-        return run_cal(ckpt, man, splits, target_sensitivity=target_sensitivity, store_dir=store)
+        return run_cal(ckpt, man, splits, target_sensitivity=target_sensitivity, coverage=coverage, method=conformal, ood_quantile=ood_quantile, store_dir=store)
 
     result = _run(go)
     typer.echo(json.dumps(result))
@@ -216,6 +225,8 @@ def predict(
     backend: Literal["torch", "onnx"] = typer.Option("torch", "--backend", help="torch or onnx (needs --onnx)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model for --backend onnx."),
     tta: bool = typer.Option(False, "--tta", help="Average mild affine variants."),
+    expect: List[str] = typer.Option([], "--expect", help="Header expectation KEY=V1,V2 (modality, body_part, view; repeatable; KEY=* switches one off). Default: what the training images had (medres inspect CHECKPOINT)."),
+    gate: Literal["flag", "reject", "off"] = typer.Option("flag", "--gate", help="OOD gate: flag (score everything, in_distribution 0/1), reject (status rejected, no probabilities) or off."),
     shard_: Optional[str] = typer.Option(None, "--shard", help="i/n: score only this machine's share (under torchrun the ranks share the inputs by themselves)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Decoded-image cache folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -243,11 +254,11 @@ def predict(
                 done[0] += n
                 tick(advance=n, images_per_s=done[0] / max(time.perf_counter() - started, 1e-9))
 
-            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n))
+            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, expect=list(expect), gate=gate, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n))
 
     result = _run(go)
     rate = (result.scored + result.failed) / max(result.seconds, 1e-9)
-    typer.echo(f"{result.total} files: {result.scored} scored, {result.failed} failed, {result.skipped_existing} already done ({rate:.1f} images/s) -> {result.out}")
+    typer.echo(f"{result.total} files: {result.scored} scored, {result.rejected} rejected by the input gate, {result.failed} failed, {result.skipped_existing} already done ({rate:.1f} images/s) -> {result.out}")
     for code, n in sorted(result.by_code.items()):
         if code != "ok":
             typer.echo(f"  {code}: {n}")
@@ -289,6 +300,8 @@ def report(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N files."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1, at most 4)."),
+    expect: List[str] = typer.Option([], "--expect", help="Header expectation KEY=V1,V2 (as for predict)."),
+    gate: Literal["flag", "reject", "off"] = typer.Option("flag", "--gate", help="OOD gate: flag (mark cases), reject (no heatmap or probabilities) or off."),
 ) -> None:
     """Per-case Grad-CAM heatmap reports (HTML, offline).
 
@@ -296,29 +309,39 @@ def report(
     """
     from medres.report import report as run_report
 
-    summary = _run(lambda: run_report(checkpoint, list(inputs), out, method=method, layer=layer, target_class=class_, normalize=normalize, weight_by_probability=weight_by_probability, include_identifiers=include_identifiers, dicom_sc=dicom_sc, faithfulness=faithfulness, limit=limit, device=device, workers=workers))
-    typer.echo(f"{summary['cases']} cases ({summary['failed']} failed) -> {out / 'index.html'}")
+    summary = _run(lambda: run_report(checkpoint, list(inputs), out, method=method, layer=layer, target_class=class_, normalize=normalize, weight_by_probability=weight_by_probability, include_identifiers=include_identifiers, dicom_sc=dicom_sc, faithfulness=faithfulness, limit=limit, device=device, workers=workers, expect=list(expect), gate=gate))
+    typer.echo(f"{summary['cases']} cases ({summary['failed']} failed, {summary['rejected']} rejected, {summary['flagged_out_of_distribution']} flagged out of distribution) -> {out / 'index.html'}")
     raise typer.Exit(1 if summary["failed"] else 0)
 
 
 # --- inspect / manifest ----------------------------------------------------------------------------
 @app.command()
 def inspect(
-    files: List[Path] = typer.Argument(..., help="Image files."),
+    files: List[Path] = typer.Argument(..., help="Image files, or a medres checkpoint (.safetensors) to see its input gate and calibration."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write <stem>.npy (model input) and <stem>.json (record)."),
     size: int = typer.Option(224, "--size", help="Model input size."),
     resize: Literal["letterbox", "crop", "stretch"] = typer.Option("letterbox", "--resize", help="letterbox, crop or stretch."),
     voi: str = typer.Option("auto", "--voi", callback=_voi_choice, help="auto, none, minmax or a window index."),
 ) -> None:
-    """Show how each file is decoded: modality, photometric, bits, transfer syntax, steps, geometry.
+    """Show how each file is decoded: modality, body part, view, photometric, bits, transfer syntax, steps, geometry.
 
     Example: medres inspect scan.dcm --out inspected/
+    Example: medres inspect runs/covid/model.safetensors
     """
     from medres.io import PreprocessSpec
-    from medres.io.inspect import describe, inspect_files
+    from medres.io.inspect import describe, describe_checkpoint, inspect_files
 
     spec = PreprocessSpec(image_size=size, resize=resize, voi=int(voi) if voi.isdigit() else voi)
     failed = 0
+    checkpoints = [f for f in files if f.suffix == ".safetensors"]
+    for f in checkpoints:
+        try:
+            for line in describe_checkpoint(f):
+                typer.echo(line)
+        except MedresError as err:
+            _err(err.one_line())
+            failed += 1
+    files = [f for f in files if f not in checkpoints]
     for f, result in inspect_files(files, spec, out=out):
         if isinstance(result, MedresError):
             _err(result.one_line())

@@ -90,6 +90,10 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     target_sensitivity: float | None = Field(None, gt=0, lt=1, description="Operating point at this sensitivity on validation (default: Youden's J).")
     bootstrap: int = Field(1000, ge=0, description="Patient-level bootstrap resamples for 95% CIs.")
+    coverage: float = Field(0.9, gt=0, lt=1, description="Target coverage of the conformal prediction sets fitted on validation.")
+    conformal: Literal["aps", "lac"] = Field("aps", description="Conformal score (multiclass): aps (adaptive sets) or lac (smallest sets); multilabel uses per-label thresholds.")
+    ood_quantile: float = Field(0.99, gt=0.5, lt=1, description="OOD gate threshold: this quantile of the validation images' OOD scores (about 1 - q of in-distribution images flagged).")
+    ood_max_train: int = Field(20000, ge=0, description="Training images (a seeded sample) the OOD detector is fitted on (0: no detector).")
 
 
 class Config(_Strict):

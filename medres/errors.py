@@ -87,6 +87,29 @@ class PathOutsideRoot(IngestError):
     code = "PATH_OUTSIDE_ROOT"
 
 
+# --- the input gate (status "rejected": the file was readable, the model does not answer) -----------
+class Rejected(MedresError):
+    """The input gate's refusals (medres/gate.py); rows get status=rejected, not error."""
+
+    code = "REJECTED"
+
+
+class UnexpectedModality(Rejected):
+    code = "UNEXPECTED_MODALITY"
+
+
+class UnexpectedBodyPart(Rejected):
+    code = "UNEXPECTED_BODY_PART"
+
+
+class UnexpectedView(Rejected):
+    code = "UNEXPECTED_VIEW"
+
+
+class OutOfDistribution(Rejected):
+    code = "OUT_OF_DISTRIBUTION"
+
+
 # --- user input ------------------------------------------------------------------------
 class UsageError(MedresError):
     code = "USAGE_ERROR"

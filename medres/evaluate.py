@@ -17,10 +17,10 @@ from medres.data.dataset import open_store, stream
 from medres.data.manifest import Manifest, load_manifest
 from medres.errors import ManifestInvalid, UsageError
 from medres.files import atomic_write, csv_text
-from medres.inference import Predictor, calibrate_meta, to_probs
+from medres.inference import Predictor, to_probs
 from medres.io import PreprocessSpec
 from medres.metrics import brier, ece, point_metrics, predict_labels
-from medres.model import ModelMeta, load_checkpoint, save_checkpoint
+from medres.model import ModelMeta, load_checkpoint
 
 log = logging.getLogger(__name__)
 # Subgroup AUROC gaps smaller than this are not flagged even when outside the CI; zero-width CIs (a perfectly
@@ -34,9 +34,11 @@ class Scored:
     logits: np.ndarray  # (len(rows), C); rows whose file failed are zeros
     ok: np.ndarray  # (len(rows),) bool
     errors: list = field(default_factory=list)  # (store row, code, one-line message)
+    ood: np.ndarray | None = None  # (len(rows),) OOD scores when a detector was given (NaN for failed rows)
 
 
-def score_manifest(model, meta: ModelMeta, manifest: Manifest, rows: np.ndarray | None = None, *, device: str = "auto", precision: str = "auto", batch_size: int = 32, store_dir=None, num_workers: int | None = None) -> Scored:
+def score_manifest(model, meta: ModelMeta, manifest: Manifest, rows: np.ndarray | None = None, *, device: str = "auto", precision: str = "auto", batch_size: int = 32,
+                   store_dir=None, num_workers: int | None = None, detector=None) -> Scored:
     """Logits for `rows` of the manifest (default all), read from the on-disk image store the training
     run built for the same files and preprocessing (built here, once, if it does not exist)."""
     rows = np.arange(len(manifest)) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -45,10 +47,14 @@ def score_manifest(model, meta: ModelMeta, manifest: Manifest, rows: np.ndarray 
         store.ensure(rows, workers=num_workers)
         ok = store.ok_mask(rows)
         logits = np.zeros((len(rows), len(meta.classes)), dtype=np.float32)
+        ood = np.full(len(rows), np.nan, dtype=np.float32) if detector is not None else None
         predictor = Predictor.create(model, meta, device=device, precision=precision)
-        if ok.any():
+        if ok.any() and detector is not None:
+            logits[ok], features = predictor.features_of(stream(store, rows[ok], batch_size))
+            ood[ok] = detector.score(features)
+        elif ok.any():
             logits[ok] = predictor.logits_of(stream(store, rows[ok], batch_size))
-        return Scored(logits, ok, store.errors(rows))
+        return Scored(logits, ok, store.errors(rows), ood)
     finally:
         store.close()
 
@@ -162,18 +168,78 @@ def column_predictability(logits: np.ndarray, values: np.ndarray, patients: np.n
         return None
 
 
+# --- conformal sets ------------------------------------------------------------------------------
+def _coverage_stats(member: np.ndarray, y: np.ndarray, task: str) -> tuple[float, float]:
+    """(empirical coverage, mean set size); multilabel coverage = share of (image, positive label)
+    pairs whose label is in the set."""
+    from medres import conformal
+
+    cov = conformal.covered(member, y, task)
+    value = float(np.nanmean(cov)) if np.size(cov) and not np.all(np.isnan(np.asarray(cov, dtype=float))) else float("nan")
+    return value, float(member.sum(1).mean()) if len(member) else float("nan")
+
+
+def conformal_audit(y, p_cal, frame: pd.DataFrame, meta: ModelMeta, by: list[str], n_boot: int, seed: int) -> tuple[dict, list[str]]:
+    """Empirical coverage and mean set size of the stored conformal sets, with patient-level bootstrap
+    CIs, overall and per `--by` subgroup; a warning where a subgroup's coverage falls below the target
+    by more than chance allows (conformal.coverage_tolerance)."""
+    from medres import conformal
+
+    member = conformal.sets(p_cal, meta.conformal, meta.task)
+    patients = frame["patient_id"].to_numpy()
+    n_cal = meta.conformal["n"] if isinstance(meta.conformal["n"], int) else int(min(meta.conformal["n"]))
+    target = meta.conformal["coverage"]
+
+    def summarise(mask: np.ndarray) -> dict:
+        cov, size = _coverage_stats(member[mask], y[mask], meta.task)
+        boots = [_coverage_stats(member[mask][i], y[mask][i], meta.task) for i in patient_bootstrap(patients[mask], n_boot, seed)] if n_boot else []
+        ci = lambda k: [float(np.nanpercentile([b[k] for b in boots], q)) for q in (2.5, 97.5)] if boots else None  # noqa: E731
+        return {"images": int(mask.sum()), "coverage": cov, "coverage_ci": ci(0), "mean_set_size": size, "mean_set_size_ci": ci(1),
+                "tolerance": conformal.coverage_tolerance(target, n_cal, int(mask.sum()))}
+
+    everything = np.ones(len(y), dtype=bool)
+    out = {"method": meta.conformal["method"], "target": target, "n_calibration": meta.conformal["n"], **summarise(everything), "subgroups": {}}
+    warns = []
+    if not math.isnan(out["coverage"]) and out["coverage"] < target - out["tolerance"]:
+        warns.append(f"conformal sets cover {out['coverage']:.3f} of test images, below the {target:.2f} target by more than chance allows (±{out['tolerance']:.3f}): the test data are not exchangeable with validation")
+    for column in by:
+        values = frame[column].astype(str).replace("", "(blank)").to_numpy()
+        groups = {}
+        for v in sorted(set(values)):
+            g = summarise(values == v)
+            groups[v] = g
+            if not math.isnan(g["coverage"]) and g["coverage"] < target - g["tolerance"]:
+                warns.append(f"{column}={v}: conformal coverage {g['coverage']:.3f} on {g['images']} images is below the {target:.2f} target (tolerance {g['tolerance']:.3f}): the sets' guarantee does not hold for this subgroup")
+        out["subgroups"][column] = groups
+    return out, warns
+
+
 # --- the command ---------------------------------------------------------------------------------
-def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None, device: str = "auto", store_dir=None, num_workers: int | None = None) -> dict:
-    """Fit temperature and operating points on the validation split and store them in the checkpoint."""
-    model, meta = load_checkpoint(checkpoint)
+def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None,
+              coverage: float = 0.9, method: str = "aps", ood_quantile: float = 0.99, ood_max_train: int = 20000,
+              device: str = "auto", precision: str = "auto", store_dir=None, num_workers: int | None = None) -> dict:
+    """Fit temperature, operating points, conformal sets and the input gate (OOD detector on the train
+    split, its threshold and the other fits on the validation split); store them in the checkpoint."""
+    from medres.calibration import calibrate_checkpoint
+    from medres.inference import resolve_device, resolve_precision
+
+    _, meta = load_checkpoint(checkpoint)
     manifest = _with_splits(load_manifest(manifest_path, classes=meta.classes, task=meta.task), splits_csv)
-    val = np.nonzero((manifest.frame["split"] == "val").to_numpy())[0] if "split" in manifest.frame.columns else np.zeros(0, dtype=np.int64)
+    split = manifest.frame["split"].to_numpy() if "split" in manifest.frame.columns else np.full(len(manifest), "")
+    val, train = np.nonzero(split == "val")[0], np.nonzero(split == "train")[0]
     if len(val) == 0:
         raise ManifestInvalid(f"{manifest.source}: no validation rows to calibrate on")
-    scored = score_manifest(model, meta, manifest, val, device=device, store_dir=store_dir, num_workers=num_workers)
-    result = calibrate_meta(meta, scored.logits[scored.ok], manifest.targets[val][scored.ok], target_sensitivity=target_sensitivity)
-    save_checkpoint(checkpoint, model, meta)
-    return result
+    store = open_store(manifest, PreprocessSpec.from_dict(meta.preprocess), store_dir=store_dir, dtype=meta.store_dtype)
+    try:
+        store.ensure(np.concatenate([train, val]), workers=num_workers)
+        if not store.ok_mask(val).any():
+            raise ManifestInvalid(f"{manifest.source}: no readable validation images to calibrate on")
+        dev = resolve_device(device)
+        return calibrate_checkpoint(checkpoint, store, train_rows=train, val_rows=val, targets=manifest.targets, device=dev,
+                                    dtype=resolve_precision(precision, dev), target_sensitivity=target_sensitivity, coverage=coverage,
+                                    method=method, ood_quantile=ood_quantile, ood_max_train=ood_max_train if len(train) else 0)
+    finally:
+        store.close()
 
 
 def _with_splits(manifest: Manifest, splits_csv: str | Path | None) -> Manifest:
@@ -215,7 +281,10 @@ def evaluate(
         if len(rows) == 0:
             raise ManifestInvalid(f"no rows with split={split}")
     # The store is keyed by the whole manifest, so the training run's store serves every split.
-    scored = score_manifest(model, meta, manifest, rows, device=device, precision=precision, store_dir=store_dir, num_workers=num_workers)
+    from medres.calibration import load_detector
+
+    detector = load_detector(checkpoint, meta)
+    scored = score_manifest(model, meta, manifest, rows, device=device, precision=precision, store_dir=store_dir, num_workers=num_workers, detector=detector)
     mask = np.zeros(len(manifest), dtype=bool)
     mask[rows] = True
     manifest = manifest.subset(mask)
@@ -245,6 +314,13 @@ def evaluate(
         table, w = subgroup_audit(y, p_cal, z, frame, column, meta.classes, meta.task, thresholds, bootstrap, seed)
         result["subgroups"].append(table)
         warns += w
+    if meta.conformal:
+        result["conformal"], w = conformal_audit(y, p_cal, frame, meta, by or [], bootstrap, seed)
+        warns += w
+    if detector is not None:
+        flagged = scored.ood[ok] > detector.threshold
+        result["ood"] = {"threshold": detector.threshold, "quantile": detector.quantile, "flagged": int(flagged.sum()),
+                         "flagged_fraction": float(flagged.mean()) if len(flagged) else None}
     result["warnings"] = warns
     for w in warns:
         log.warning(w)

@@ -100,6 +100,22 @@ class Predictor:
             out = self.model(x)
         return out.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def logits_and_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the penultimate (pooled 2048-d) features of one forward pass (the OOD gate's input)."""
+        x = self.prepare(pixels)
+        with autocast(self.device, self.dtype):
+            pooled = torch.flatten(self.model.avgpool(self.model.forward_features(x)), 1)
+            out = self.model.fc(self.model.dropout(pooled))
+        return out.float().cpu().numpy(), pooled.float().cpu().numpy()
+
+    def features_of(self, batches: Iterable[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Batches of pixels → ((N, C) logits, (N, 2048) features)."""
+        pairs = [self.logits_and_features(b) for b in batches]
+        if not pairs:
+            return np.zeros((0, len(self.meta.classes)), np.float32), np.zeros((0, 2048), np.float32)
+        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+
     def logits_batched(self, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
         """(N, H, W) → (N, C) logits, `batch_size` images per forward pass."""
         return self.logits_of(pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size))

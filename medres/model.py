@@ -184,7 +184,8 @@ def read_weight_file(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 metadata = fh.metadata() or {}
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
+                # a medres checkpoint's non-model tensors (read_extra) stay out of the state dict
+                state = {k: fh.get_tensor(k) for k in fh.keys() if not ("medres" in metadata and k.startswith(EXTRA_PREFIXES))}
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointInvalid(f"{path.name}: unreadable safetensors file ({str(exc).splitlines()[0][:120]})") from None
         return state, metadata
@@ -303,6 +304,9 @@ def norm_for_channels(mean: tuple[float, ...], std: tuple[float, ...], in_channe
     return [mean[0]] * in_channels, [std[0]] * in_channels
 
 
+EXTRA_PREFIXES = ("ood.",)  # checkpoint tensors that are not model weights
+
+
 # --- the checkpoint ------------------------------------------------------------------------------
 @dataclass
 class ModelMeta:
@@ -327,6 +331,9 @@ class ModelMeta:
     epoch: int | None = None
     val_auroc: float | None = None
     store_dtype: str = "uint8"  # how the training images were stored; evaluate/calibrate reuse that store
+    expect: dict[str, list[str]] | None = None  # input gate: header values the training images had (medres/gate.py)
+    ood: dict[str, Any] | None = None  # input gate: OOD detector settings; its tensors are `ood.*` in the file
+    conformal: dict[str, Any] | None = None  # conformal prediction sets: method, coverage, quantile(s)
 
     def effective_thresholds(self) -> list[float]:
         if self.thresholds:
@@ -334,15 +341,25 @@ class ModelMeta:
         return [0.5] * len(self.classes)
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta) -> None:
-    """Atomic: write a temp file beside `path`, fsync, rename. The old file survives any failure."""
+def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Atomic: write a temp file beside `path`, fsync, rename. The old file survives any failure.
+    `extra`: tensors stored beside the model's (the OOD detector's `ood.*`), never loaded into it."""
     from safetensors.torch import save_file
 
     from medres.files import atomic_path
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
+    state.update({k: v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()})
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"medres": json.dumps(asdict(meta)), "format": "pt"})
+
+
+def read_extra(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under `prefix` only (safetensors reads just those)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix)}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
+from medres import conformal
 from medres.errors import NoInputs, OutputExists, UsageError
+from medres.gate import HEADER_COLUMNS, OOD_CODE
 from medres.files import atomic_path, csv_text
 from medres.metrics import predict_labels
 from medres.scoring import (  # noqa: F401 — discover/shard/tta_views are part of predict's API too
@@ -34,8 +37,28 @@ log = logging.getLogger(__name__)
 
 # --- output ----------------------------------------------------------------------------------------
 def columns(meta) -> list[str]:
-    cols = ["path", "status", "error_code", "message"] + [f"prob_{c}" for c in meta.classes]
-    return cols + (["prediction"] if meta.task == "multiclass" else [f"positive_{c}" for c in meta.classes])
+    cols = ["path", "status", "error_code", "message", *HEADER_COLUMNS] + [f"prob_{c}" for c in meta.classes]
+    cols += ["prediction"] if meta.task == "multiclass" else [f"positive_{c}" for c in meta.classes]
+    if meta.conformal:
+        cols += ["prediction_set", "set_size"]
+    return cols + ["ood_score", "in_distribution"]
+
+
+def gate_of(checkpoint, meta, *, expect: list[str] | None, gate: str, backend: str = "torch") -> tuple[dict, "OodDetector | None"]:
+    """The header expectations (checkpoint defaults + --expect) and the OOD detector `--gate` asks for."""
+    from medres.calibration import load_detector
+    from medres.gate import parse_expect, resolve_expect
+
+    if gate not in ("flag", "reject", "off"):
+        raise UsageError(f"--gate must be flag, reject or off, got {gate!r}")
+    expectations = resolve_expect(meta.expect, parse_expect(expect))
+    detector = load_detector(checkpoint, meta) if gate != "off" else None
+    if gate == "reject" and detector is None:
+        raise UsageError(f"--gate reject: {Path(checkpoint).name} has no OOD detector (trained before the gate existed); run medres calibrate on its run first")
+    if gate != "off" and detector is not None and backend != "torch":
+        log.warning("--backend %s does not return features: ood_score is left empty (use the torch backend for the OOD gate)", backend)
+        detector = None
+    return expectations, detector
 
 
 def read_existing(path: Path, fmt: str) -> list[dict]:
@@ -180,6 +203,7 @@ class PredictResult:
     scored: int = 0
     failed: int = 0
     skipped_existing: int = 0
+    rejected: int = 0  # readable files the input gate refused (not failures: the exit code stays 0)
     by_code: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     bytes_written: int = 0  # journal + final table: ≈ the table's size for csv/jsonl
@@ -202,6 +226,8 @@ def predict(
     backend: str = "torch",
     onnx_path: str | Path | None = None,
     tta: bool = False,
+    expect: list[str] | None = None,
+    gate: str = "flag",
     shard_spec: str | None = None,
     cache_dir: str | Path | None = None,
     overwrite: bool = False,
@@ -239,6 +265,7 @@ def predict(
     model, meta = load_checkpoint(checkpoint)
     scorer = Predictor.create(model, meta, device=device, precision=precision)
     onnx = OnnxBackend(onnx_path, meta) if backend == "onnx" else None
+    expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate, backend=backend)
     journal = Journal(out, columns(meta), fmt, name=f".{out.name}.part-{ranks[0]}-of-{ranks[1]}" if ranks else None)
     if journal.path.exists() and not (resume or overwrite):  # a killed run's rows: never dropped silently
         raise OutputExists(f"{journal.path} holds the rows of an interrupted run; pass --resume to continue it or --overwrite to start over")
@@ -254,7 +281,8 @@ def predict(
     t0 = time.perf_counter()
     try:
         _score_files(todo, scorer, onnx, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
-                     batch_size=batch_size, tta=tta, fail_fast=fail_fast, flush_every=flush_every, on_progress=on_progress)
+                     batch_size=batch_size, tta=tta, fail_fast=fail_fast, flush_every=flush_every, on_progress=on_progress,
+                     expect=expectations, detector=detector, gate=gate)
     finally:
         journal.close()  # a crash keeps every finished row in the journal for --resume
     if ranks:
@@ -267,7 +295,8 @@ def predict(
     return result
 
 
-def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool, fail_fast: bool, flush_every: float, on_progress) -> None:
+def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool,
+                 fail_fast: bool, flush_every: float, on_progress, expect: dict, detector, gate: str) -> None:
     """The scoring path's batches → journal rows, in input order (so a fresh run's journal already
     is the final table), fsync'd every `flush_every` seconds."""
     last_sync = time.perf_counter()
@@ -278,9 +307,14 @@ def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, re
         log.warning(d.message)
 
     for batch in scored_batches(todo, scorer, batch_size=batch_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
-                                tta=tta, onnx=onnx, fail_fast=fail_fast, on_error=failed):
-        journal.append(rows_of(batch, meta))
-        result.scored += len(batch.good)
+                                tta=tta, onnx=onnx, detector=detector, expect=expect, fail_fast=fail_fast, on_error=failed):
+        rows = rows_of(batch, meta, gate=gate, threshold=detector.threshold if detector else None)
+        journal.append(rows)
+        for r in rows:
+            if r["status"] == "rejected":
+                result.rejected += 1
+                result.by_code[r["error_code"]] += 1
+        result.scored += sum(r["status"] == "ok" for r in rows)
         if on_progress:
             on_progress(len(batch.items))
         if time.perf_counter() - last_sync > flush_every:
@@ -288,23 +322,36 @@ def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, re
             last_sync = time.perf_counter()
 
 
-def rows_of(batch: ScoredBatch, meta) -> list[dict]:
-    """One output row per file of the batch: probabilities and labels, or the error."""
+def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", threshold: float | None = None) -> list[dict]:
+    """One output row per file of the batch: header columns, then probabilities, labels, conformal set
+    and OOD score — or the error, or the gate's refusal (`--gate reject`: no probabilities)."""
     labels = predict_labels(batch.probs, meta.task, meta.effective_thresholds()) if len(batch.good) else []
-    scored = iter(zip(batch.probs, labels))
+    members = conformal.sets(batch.probs, meta.conformal, meta.task) if meta.conformal and len(batch.good) else None
     rows = []
+    k = 0
     for d in batch.items:
+        row = {"path": d.file.shown, "status": d.status, "error_code": d.code, "message": d.message, **d.header()}
+        rows.append(row)
         if not d.ok:
-            rows.append({"path": d.file.shown, "status": "error", "error_code": d.code, "message": d.message})
             continue
-        p, lab = next(scored)
-        row = {"path": d.file.shown, "status": "ok", "error_code": "", "message": ""}
+        p, lab = batch.probs[k], labels[k]
+        if batch.ood is not None:
+            score = float(batch.ood[k])
+            inside = score <= threshold
+            row.update(ood_score=f"{score:.4f}", in_distribution=int(inside))
+            if gate == "reject" and not inside:
+                row.update(status="rejected", error_code=OOD_CODE, message=f"[{OOD_CODE}] {d.file.shown}: OOD score {score:.3f} > threshold {threshold:.3f}")
+                k += 1
+                continue
         row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(meta.classes, p)})
         if meta.task == "multiclass":
             row["prediction"] = meta.classes[int(lab)]
         else:
             row.update({f"positive_{c}": int(v) for c, v in zip(meta.classes, lab)})
-        rows.append(row)
+        if members is not None:
+            in_set = [j for j in np.argsort(-p, kind="stable") if members[k, j]]
+            row.update(prediction_set="|".join(meta.classes[j] for j in in_set), set_size=len(in_set))
+        k += 1
     return rows
 
 
@@ -325,9 +372,9 @@ def _join_ranks(journal: Journal, files: list[InputFile], ranks: tuple[int, int]
         dist.init_process_group("gloo")  # a CPU barrier even on GPU machines
     try:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (result.total, result.scored, result.failed, result.skipped_existing, dict(result.by_code)))
-        result.total, result.scored, result.failed, result.skipped_existing = (sum(g[k] for g in gathered) for k in range(4))
-        result.by_code = sum((Counter(g[4]) for g in gathered), Counter())
+        dist.all_gather_object(gathered, (result.total, result.scored, result.failed, result.skipped_existing, result.rejected, dict(result.by_code)))
+        result.total, result.scored, result.failed, result.skipped_existing, result.rejected = (sum(g[k] for g in gathered) for k in range(5))
+        result.by_code = sum((Counter(g[5]) for g in gathered), Counter())
         if rank == 0:
             parts = [journal.path.with_name(f".{journal.out.name}.part-{r}-of-{world}") for r in range(world)]
             merge_parts(journal.out, parts, [f.shown for f in files], journal.cols, journal.fmt)

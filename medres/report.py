@@ -19,14 +19,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medres import conformal
 from medres.cam import compute_cam, find_layer, occlusion_maps, upsample
 from medres.errors import NoInputs, UsageError
+from medres.gate import OOD_CODE
 from medres.files import atomic_path, atomic_write
 from medres.inference import Predictor
 from medres.io import Geometry, PreprocessSpec
 from medres.metrics import predict_labels
 from medres.model import CAM_LAYER, load_checkpoint
-from medres.scoring import default_workers, discover, scored_batches
+from medres.scoring import ScoredBatch, default_workers, discover, scored_batches
 
 log = logging.getLogger(__name__)
 DISPLAY_MAX = 1024
@@ -48,6 +50,10 @@ class Case:
     geometry: Geometry | None = None  # model space → original image
     deletion_auc: float | None = None
     insertion_auc: float | None = None
+    header: dict = field(default_factory=dict)  # source_format, modality, body_part, view, laterality
+    ood_score: float | None = None
+    in_distribution: bool | None = None  # None: the checkpoint has no OOD detector
+    prediction_set: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -118,6 +124,8 @@ def report(
     faithfulness: bool = False,
     limit: int | None = None,
     workers: int | None = None,
+    expect: list[str] | None = None,
+    gate: str = "flag",
 ) -> dict:
     """Score and explain every input; write index.html, cases/*.html|png (+ Secondary Capture DICOMs
     with `dicom_sc`) and summary.json under `out`. Returns the summary."""
@@ -127,8 +135,11 @@ def report(
     files = discover(inputs)[: limit or None]
     if not files:
         raise NoInputs("no input files found")
+    from medres.predict import gate_of
+
+    expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate)
     predictor = Predictor.create(model, meta, device=device, precision=precision)
-    opts = _Options(method, layer, target_class, normalize, weight_by_probability, faithfulness, include_identifiers, dicom_sc)
+    opts = _Options(method, layer, target_class, normalize, weight_by_probability, faithfulness, include_identifiers, dicom_sc, gate, expectations, detector)
     cases = [Case(i, f.shown, f.full) for i, f in enumerate(files)]
     (out / "cases").mkdir(parents=True, exist_ok=True)
     cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers)
@@ -162,6 +173,9 @@ class _Options:
     faithfulness: bool
     include_identifiers: bool
     dicom_sc: bool
+    gate: str = "flag"
+    expect: dict | None = None
+    detector: object = None  # gate.OodDetector or None
 
 
 def _check_options(model, meta, *, layer: str, target_class: str | None, normalize: str) -> None:
@@ -180,13 +194,29 @@ def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path
     image and thumbnail are written as each file is decoded, so no file is decoded twice."""
     cells = None
     in_order = iter(cases)  # batches keep input order; keys may repeat across input folders
-    for batch in scored_batches(files, predictor, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX):
-        good = []
+    members = None
+    for batch in scored_batches(files, predictor, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX, expect=opts.expect, detector=opts.detector):
+        good, kept = [], []
+        if predictor.meta.conformal and len(batch.good):
+            members = conformal.sets(batch.probs, predictor.meta.conformal, predictor.meta.task)
+        k = -1
         for d in batch.items:
             case = next(in_order)
+            case.header = d.header()
             if not d.ok:
-                case.status, case.error = "error", d.message
+                case.status, case.error = d.status, d.message
                 continue
+            k += 1
+            if batch.ood is not None:
+                case.ood_score = float(batch.ood[k])
+                case.in_distribution = case.ood_score <= opts.detector.threshold
+                if opts.gate == "reject" and not case.in_distribution:
+                    case.status = "rejected"
+                    case.error = f"[{OOD_CODE}] {case.shown}: OOD score {case.ood_score:.3f} > threshold {opts.detector.threshold:.3f}"
+                    continue
+            if members is not None:
+                p = batch.probs[k]
+                case.prediction_set = [predictor.meta.classes[j] for j in np.argsort(-p, kind="stable") if members[k, j]]
             case.record, case.geometry = d.record.to_dict(), d.record.geometry
             grey = (np.clip(d.display, 0, 1) * 255).astype(np.uint8)
             _save_png(out / "cases" / f"{case.name}_image.png", grey)
@@ -194,7 +224,10 @@ def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path
             thumb.thumbnail((96, 96))
             _save_png(out / "cases" / f"{case.name}_thumb.png", np.asarray(thumb))
             good.append(case)
+            kept.append(k)
         if good:
+            if len(kept) < len(batch.probs):  # --gate reject took some out: explain only the rest
+                batch = ScoredBatch([], batch.x[kept], batch.probs[kept])
             cells = _explain(batch, good, predictor, opts)
     return cells
 
@@ -269,7 +302,10 @@ def _summary(cases: list[Case], meta, scales: dict[int, float], opts: _Options, 
     summary = {
         "cases": len(cases),
         "ok": sum(c.status == "ok" for c in cases),
-        "failed": sum(c.status != "ok" for c in cases),
+        "failed": sum(c.status == "error" for c in cases),
+        "rejected": sum(c.status == "rejected" for c in cases),
+        "flagged_out_of_distribution": sum(c.in_distribution is False for c in cases),
+        "ood_threshold": opts.detector.threshold if opts.detector is not None else None,
         "scales": {meta.classes[k]: v for k, v in scales.items()},
         "normalize": opts.normalize,
         "method": opts.method,
@@ -305,7 +341,7 @@ def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, w
     plt.close(fig)
 
 
-_CSS = "body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}th{cursor:pointer;background:#f4f4f4}.ruo{background:#fee;padding:.5em;border:1px solid #c99}.error{color:#a00}img.big{max-width:46vw;margin-right:1em}"
+_CSS = ".flag{background:#fff3cd;border:1px solid #d6b656;padding:.4em}td.flag{padding:4px 8px}body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}th{cursor:pointer;background:#f4f4f4}.ruo{background:#fee;padding:.5em;border:1px solid #c99}.error{color:#a00}img.big{max-width:46vw;margin-right:1em}"
 def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, scales, faithfulness) -> str:
     from medres.templates import render
 
@@ -316,14 +352,15 @@ def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, s
         i = [c.insertion_auc for c in cases if c.insertion_auc is not None]
         summary = (float(np.mean(d)), float(np.mean(i))) if d else None
     return render("report_index.html", css=_CSS, ruo=RUO, cases=cases, classes=meta.classes, method=method, layer=layer, normalize=normalize,
-                  scales=scales, faithfulness=faithfulness, faithfulness_summary=summary, predictions=predictions, zip=zip)
+                  scales=scales, faithfulness=faithfulness, faithfulness_summary=summary, predictions=predictions, zip=zip,
+                  conformal=meta.conformal, ood=meta.ood)
 
 
 def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize, scales) -> str:
     from medres.templates import render
 
     record = case.record or {}
-    info = {k: record.get(k) for k in ("format", "modality", "photometric", "bits_stored", "bits_allocated", "transfer_syntax", "sop_class")}
+    info = {k: record.get(k) for k in ("format", "modality", "body_part", "view", "laterality", "photometric", "bits_stored", "bits_allocated", "transfer_syntax", "sop_class")}
     scale_text = ", ".join(f"{meta.classes[k]}: 1.0 = {v:.4g}" for k, v in scales.items())
     return render("report_case.html", css=_CSS, ruo=RUO, case=case, classes=meta.classes, thresholds=thresholds, record=record, info=info,
                   meta=meta, ckpt_sha=ckpt_sha, method=method, layer=layer, normalize=normalize, scale_text=scale_text, zip=zip)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medres.errors import IngestError, NoInputs, UsageError
+from medres.gate import OodDetector, check_header
 from medres.files import resolve_under_root
 from medres.io import ImageCache, PreprocessSpec, load_image
 from medres.io.record import Record
@@ -114,19 +115,27 @@ class Decoded:
     display_scale: float = 1.0
     code: str = ""
     message: str = ""
+    rejected: bool = False  # readable, but the header gate refused it (status "rejected", not "error")
 
     @property
     def ok(self) -> bool:
         return self.pixels is not None
 
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "rejected" if self.rejected else "error"
+
+    def header(self) -> dict[str, str]:
+        return self.record.header() if self.record is not None else {}
+
 
 _WORKER: dict = {}
 
 
-def _init_worker(spec: PreprocessSpec, cache_dir: str | None, display_max: int | None, in_process: bool = False) -> None:
+def _init_worker(spec: PreprocessSpec, cache_dir: str | None, display_max: int | None, expect: dict | None = None, in_process: bool = False) -> None:
     if not in_process:  # a decoding process gets one thread; the caller's process keeps its own
         torch.set_num_threads(1)
-    _WORKER.update(spec=spec, cache=ImageCache(cache_dir) if cache_dir else None, display_max=display_max)
+    _WORKER.update(spec=spec, cache=ImageCache(cache_dir) if cache_dir else None, display_max=display_max, expect=expect or {})
 
 
 def _decode(item: InputFile) -> Decoded:
@@ -137,6 +146,10 @@ def _decode(item: InputFile) -> Decoded:
         loaded = load_image(item.full, _WORKER["spec"], display_path=item.shown, cache=None if display_max else _WORKER["cache"], keep_original=display_max is not None)
     except IngestError as err:
         return Decoded(item, code=err.code, message=err.one_line())
+    refused = check_header(loaded.record.header(), _WORKER["expect"])
+    if refused:
+        code, why = refused
+        return Decoded(item, record=loaded.record, code=code, message=f"[{code}] {item.shown}: {why}", rejected=True)
     out = Decoded(item, loaded.pixels, loaded.record)
     if display_max is not None:
         out.display, out.display_scale = fit_within(loaded.original, display_max)
@@ -147,19 +160,20 @@ def _decode_many(items: list[InputFile]) -> list[Decoded]:
     return [_decode(i) for i in items]
 
 
-def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: str | None = None, workers: int = 0, display_max: int | None = None, chunk: int = 4) -> Iterator[Decoded]:
+def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: str | None = None, workers: int = 0, display_max: int | None = None,
+                   expect: dict | None = None, chunk: int = 4) -> Iterator[Decoded]:
     """Every file decoded, in input order; `workers` > 0 decode in that many processes.
 
     At most 4 chunks per worker are in flight: when the model is slower than decoding, decoded images
     wait in a bounded window instead of piling up (`Pool.imap` queues every file and buffers every
     result: at 224 px that is 200 KB per file, 20 GB for 100,000 files)."""
     if workers <= 0 or len(files) < 2:
-        _init_worker(spec, cache_dir, display_max, in_process=True)
+        _init_worker(spec, cache_dir, display_max, expect, in_process=True)
         yield from map(_decode, files)
         return
     ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
     chunks = (files[i : i + chunk] for i in range(0, len(files), chunk))
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, cache_dir, display_max)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, cache_dir, display_max, expect)) as pool:
         window = deque(pool.apply_async(_decode_many, (c,)) for c in islice(chunks, 4 * workers))
         while window:
             done = window.popleft().get()
@@ -218,6 +232,7 @@ class ScoredBatch:
     items: list[Decoded]  # every file of the batch, in input order
     x: torch.Tensor | None = None  # (B_ok, S, S) pixels of the good ones
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (B_ok, C), calibrated
+    ood: np.ndarray | None = None  # (B_ok,) OOD scores when the checkpoint has a detector (torch backend)
 
     @property
     def good(self) -> list[Decoded]:
@@ -234,12 +249,15 @@ def scored_batches(
     display_max: int | None = None,
     tta: bool = False,
     onnx: "OnnxBackend | None" = None,
+    detector: OodDetector | None = None,
+    expect: dict | None = None,
     fail_fast: bool = False,
     on_error: Callable[[Decoded], None] | None = None,
 ) -> Iterator[ScoredBatch]:
     """Decode `files` and score them with `scorer` (a `Predictor`) in batches of `batch_size` good
     images (a run of bad files also closes a batch at 4 × batch_size). With `fail_fast`, stops after
-    the batch holding the first bad file."""
+    the batch holding the first bad file. `expect`: header expectations (rejected files are not
+    scored); `detector`: OOD scores from the same forward pass (the original view's features)."""
     spec = PreprocessSpec.from_dict(scorer.meta.preprocess)
     pending: list[Decoded] = []
 
@@ -249,14 +267,21 @@ def scored_batches(
         good = batch.good
         if good:
             batch.x = torch.from_numpy(np.stack([d.pixels for d in good]))
-            logits_of = onnx.logits if onnx is not None else scorer.logits
             views = tta_views(batch.x) if tta else [batch.x]
-            batch.probs = np.mean([scorer.probs(logits_of(v)) for v in views], axis=0)
+            if onnx is not None:
+                logits = [onnx.logits(v) for v in views]
+            elif detector is not None:
+                first, features = scorer.logits_and_features(views[0])
+                logits = [first] + [scorer.logits(v) for v in views[1:]]
+                batch.ood = detector.score(features)
+            else:
+                logits = [scorer.logits(v) for v in views]
+            batch.probs = np.mean([scorer.probs(z) for z in logits], axis=0)
         return batch
 
-    for d in decoded_stream(files, spec=spec, cache_dir=cache_dir, workers=workers, display_max=display_max):
+    for d in decoded_stream(files, spec=spec, cache_dir=cache_dir, workers=workers, display_max=display_max, expect=expect):
         pending.append(d)
-        if not d.ok:
+        if not d.ok and not d.rejected:
             if on_error:
                 on_error(d)
             if fail_fast:

@@ -268,7 +268,7 @@ def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
 
     summary = {"run": str(out), "epochs": history, "best_score": run.best}
     if rank == 0 and cfg.train.calibrate and len(run.val_rows):
-        summary["calibration"] = calibrate_run(out, store, run.val_rows, run.targets[run.val_rows], cfg, device, run.dtype)
+        summary["calibration"] = calibrate_run(out, run)
     store.close()
     if distributed:
         _check_ranks_agree(run)
@@ -420,16 +420,17 @@ def _validate_and_checkpoint(run: _Run, epoch: int, record: dict) -> dict:
     return record
 
 
-def calibrate_run(out: Path, store: ImageStore, val_rows: np.ndarray, y_val: np.ndarray, cfg: Config, device, dtype) -> dict:
-    """Temperature scaling and operating points, fitted on validation only, stored in the checkpoint."""
-    from medres.model import load_checkpoint
+def calibrate_run(out: Path, run: "_Run") -> dict:
+    """Temperature, operating points, conformal sets and the input gate, fitted on held-out data and
+    stored in the best checkpoint (medres/calibration.py)."""
+    from medres.calibration import calibrate_checkpoint
 
-    model, meta = load_checkpoint(out / BEST, device)
-    predictor = Predictor(model.to(memory_format=torch.channels_last), meta, device, dtype)
-    logits = predictor.logits_of(stream(store, val_rows, cfg.train.batch_size * 2))
-    result = calibrate_meta(meta, logits, y_val, target_sensitivity=cfg.eval.target_sensitivity)
-    save_checkpoint(out / BEST, model, meta)
-    return result
+    cfg = run.cfg
+    return calibrate_checkpoint(
+        out / BEST, run.store, train_rows=run.train_rows, val_rows=run.val_rows, targets=run.targets, device=run.device, dtype=run.dtype,
+        target_sensitivity=cfg.eval.target_sensitivity, coverage=cfg.eval.coverage, method=cfg.eval.conformal,
+        ood_quantile=cfg.eval.ood_quantile, ood_max_train=cfg.eval.ood_max_train, batch_size=cfg.train.batch_size * 2, seed=cfg.train.seed,
+    )
 
 
 def _attach_log(path: Path) -> None:

@@ -84,6 +84,7 @@ class _Row:
     size: int
     mtime: int
     crc: int
+    header: dict | None = None  # the gated DICOM tags (modality, body_part, view) when the file had them
 
 
 @dataclass
@@ -215,7 +216,7 @@ class ImageStore:
                     continue
                 try:
                     i = int(e["row"])
-                    row = _Row(bool(e["ok"]), e.get("code", ""), e.get("msg", ""), e.get("digest", ""), int(e["size"]), int(e["mtime"]), int(e.get("crc", 0)))
+                    row = _Row(bool(e["ok"]), e.get("code", ""), e.get("msg", ""), e.get("digest", ""), int(e["size"]), int(e["mtime"]), int(e.get("crc", 0)), e.get("hdr"))
                 except (KeyError, TypeError, ValueError):
                     continue
                 if 0 <= i < self.n:
@@ -295,7 +296,7 @@ class ImageStore:
                 i = entry.pop("row")
                 journal.write(json.dumps({"row": i, **entry}).encode() + b"\n")
                 journal.flush()  # in the page cache now: survives kill -9 of this process
-                self.rows[i] = _Row(entry["ok"], entry["code"], entry["msg"], entry["digest"], entry["size"], entry["mtime"], entry["crc"])
+                self.rows[i] = _Row(entry["ok"], entry["code"], entry["msg"], entry["digest"], entry["size"], entry["mtime"], entry["crc"], entry.get("hdr"))
                 if not entry["ok"]:
                     log.warning(entry["msg"])
                 done += 1
@@ -358,6 +359,11 @@ class ImageStore:
         rows = np.arange(self.n) if rows is None else np.asarray(rows)
         return [(i, self.rows[i].code, self.rows[i].message) for i in rows.tolist() if i in self.rows and not self.rows[i].ok]
 
+    def headers(self, rows: np.ndarray) -> list[dict]:
+        """The gated DICOM header values of these rows (empty dicts for PNG/JPEG or stores built
+        before headers were journaled)."""
+        return [(self.rows[i].header or {}) if i in self.rows else {} for i in np.asarray(rows).tolist()]
+
     def digests(self) -> list[str]:
         return [self.rows[i].digest if i in self.rows else "" for i in range(self.n)]
 
@@ -400,6 +406,9 @@ def _decode_row(job: tuple[int, str, str]) -> dict:
     data = np.ascontiguousarray(quantise(loaded.pixels, _W["dtype"])).tobytes()
     os.pwrite(_W["fd"], data, _W["offset"] + i * _W["row_bytes"])
     entry.update(ok=True, crc=zlib.crc32(data))
+    hdr = {k: v for k, v in loaded.record.header().items() if v and k in ("modality", "body_part", "view")}
+    if hdr:
+        entry["hdr"] = hdr
     return entry
 
 

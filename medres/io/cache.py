@@ -35,7 +35,8 @@ class ImageCache:
 
     @staticmethod
     def key(content_digest: str, spec_digest: str) -> str:
-        return hashlib.sha256(f"{content_digest}|{spec_digest}".encode()).hexdigest()
+        # record-v2: records gained the header columns (body part, view, laterality)
+        return hashlib.sha256(f"{content_digest}|{spec_digest}|record-v2".encode()).hexdigest()
 
     def get(self, key: str) -> tuple[np.ndarray, dict] | None:
         npy, meta = self._paths(key)

@@ -34,7 +34,7 @@ from medres.errors import (
     UnsupportedPhotometric,
     UnsupportedTransferSyntax,
 )
-from medres.io.record import Record
+from medres.io.record import Record, clean_code_string
 
 # pip packages that provide each decoder family (named in DECODER_MISSING messages).
 _PACKAGES = {
@@ -106,7 +106,10 @@ def validate_pixel_module(ds: pydicom.Dataset, rec: Record, *, max_megapixels: f
     sop = ds.get("SOPClassUID")
     if sop is not None:
         rec.sop_class = UID(str(sop)).name
-    rec.modality = str(ds.get("Modality", "")) or None
+    rec.modality = clean_code_string(ds.get("Modality"))
+    rec.body_part = clean_code_string(ds.get("BodyPartExamined"))
+    rec.view = clean_code_string(ds.get("ViewPosition"))
+    rec.laterality = clean_code_string(ds.get("ImageLaterality") or ds.get("Laterality"))
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise InvalidPixelModule("float pixel data is not supported")

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+
+def clean_code_string(value) -> str | None:
+    """A DICOM Code String (CS) value, normalised: upper case, only A–Z 0–9 space and underscore, at
+    most 16 characters (PS3.5 6.2). Anything else in the tag is dropped, so a malformed header can
+    never carry free text (names, dates) into outputs."""
+    if value is None:
+        return None
+    if not isinstance(value, str):  # a multi-valued tag: its first value
+        value = value[0] if len(value) else ""
+    text = re.sub(r"[^A-Z0-9 _]", "", str(value).upper()).strip()[:16].strip()
+    return text or None
+
 
 ResizeMode = Literal["letterbox", "crop", "stretch"]
 
@@ -72,6 +86,9 @@ class Record:
     path: str
     format: str = ""
     modality: str | None = None
+    body_part: str | None = None  # BodyPartExamined (a Code String: technical, never identifying)
+    view: str | None = None  # ViewPosition (PA, AP, LL, ...)
+    laterality: str | None = None  # ImageLaterality, else Laterality
     photometric: str | None = None
     bits_allocated: int | None = None
     bits_stored: int | None = None
@@ -93,6 +110,11 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def header(self) -> dict[str, str]:
+        """The technical header columns of predict/report and the input gate (empty for PNG/JPEG)."""
+        return {"source_format": self.format, "modality": self.modality or "", "body_part": self.body_part or "",
+                "view": self.view or "", "laterality": self.laterality or ""}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Record":
