@@ -409,6 +409,23 @@ def manifest_check(
     raise typer.Exit(2 if rep["problems"] else 0)
 
 
+# --- card ------------------------------------------------------------------------------------------
+@app.command()
+def card(
+    run: Path = typer.Option(..., "--run", help="Run folder (model.safetensors, config.yaml, splits.csv, metrics.jsonl)."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="An evaluate output folder (metrics.json) for the quantitative sections."),
+    out: Path = typer.Option(..., "--out", help="Markdown file; the self-contained HTML page is written beside it (.html)."),
+) -> None:
+    """A model card (Mitchell et al. 2019) generated from what the run and evaluation recorded.
+
+    Example: medres card --run runs/covid --eval runs/covid/eval --out runs/covid/model_card.md
+    """
+    from medres.card import write_card
+
+    md, page = _run(lambda: write_card(run, out, eval_dir))
+    typer.echo(f"model card: {md} and {page}")
+
+
 # --- demo ------------------------------------------------------------------------------------------
 @weights_app.command("import")
 def weights_import(
@@ -466,6 +483,7 @@ def demo(
     typer.echo(f"evaluation report: {result['eval_html']}")
     typer.echo(f"Grad-CAM report:   {result['report_html']}")
     typer.echo(f"predictions:       {result['predictions']}")
+    typer.echo(f"model card:        {result['card']}")
 
 
 def main() -> None:

@@ -36,6 +36,10 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
     fit(cfg, run, show_progress=show_progress)
     print("[3/5] evaluating on the held-out phantom split")
     result = evaluate(run / "model.safetensors", manifest, out / "eval", split="test", splits_csv=run / "splits.csv", by=["site"], bootstrap=cfg.eval.bootstrap, store_dir=cfg.data.store_dir)
+    from medres.card import write_card
+
+    card_md, card_html = write_card(run, run / "model_card.md", out / "eval")
+    print(f"      model card: {card_md} and {card_html}")
     import pandas as pd
 
     splits = pd.read_csv(run / "splits.csv")
@@ -57,4 +61,5 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
         "eval_html": str(out / "eval" / "report.html"),
         "report_html": str(out / "report" / "index.html"),
         "predictions": str(pred.out),
+        "card": str(card_md),
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,11 @@ def evaluate(
         pred = meta.classes[int(labels[i])] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, labels[i]) if v)
         rows.append([frame["path"].iloc[i], frame["patient_id"].iloc[i], truth] + [f"{v:.6f}" for v in p_cal[i]] + [pred])
     atomic_write(out / "per_case.csv", csv_text(["path", "patient_id", "label"] + [f"prob_{c}" for c in meta.classes] + ["prediction"], rows))
+    run = Path(checkpoint).parent  # a run folder: its training curves and model card
+    if (run / "curves.png").is_file():
+        result["curves"] = os.path.relpath(run / "curves.png", out)
+    result["card"] = os.path.relpath(run / "model_card.html", out)
+    result["card_command"] = f"medres card --run {run} --eval {out} --out {run / 'model_card.md'}"
     atomic_write(out / "metrics.json", json.dumps(_clean(result), indent=2))
     if plots:
         from medres.plots import write_plots

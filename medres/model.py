@@ -125,6 +125,7 @@ class SourceWeights:
     std: tuple[float, ...]
     origin: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # of the file the weights came from (the model card names it)
 
 
 def hub_checkpoint_dir() -> Path:
@@ -251,11 +252,11 @@ def load_source_weights(spec: str) -> SourceWeights | None:
     if "medres" in metadata:
         meta = json.loads(metadata["medres"])
         mean, std, layout = tuple(meta["mean"]), tuple(meta["std"]), "medres"
-        return SourceWeights(state, layout, mean, std, path.name, meta)
+        return SourceWeights(state, layout, mean, std, path.name, meta, sha256_of(path))
     if FIRST_CONV + ".weight" in state and state[FIRST_CONV + ".weight"].shape[1] == 1 and layout == "torchxrayvision":
         # torchxrayvision scales images to [-1024, 1024]: x_xrv = 2048 * x - 1024 for x in [0, 1].
         mean, std = (0.5,), (1.0 / 2048.0,)
-    return SourceWeights(state, layout, mean, std, path.name, {})
+    return SourceWeights(state, layout, mean, std, path.name, {}, sha256_of(path))
 
 
 def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -327,6 +328,7 @@ class ModelMeta:
     config_sha256: str | None = None
     manifest_sha256: str | None = None
     weights_source: str | None = None
+    weights_sha256: str | None = None  # of the pretrained file fine-tuned from
     dropout: float = 0.0
     epoch: int | None = None
     val_auroc: float | None = None

@@ -74,3 +74,41 @@ def write_plots(out: Path, y: np.ndarray, p_raw: np.ndarray, p_cal: np.ndarray, 
         _save(fig, out / "confusion.png")
         names.append("confusion.png")
     return names
+
+
+def write_curves(run: Path) -> Path | None:
+    """`curves.png` in a run folder from its metrics.jsonl: training and validation loss, validation
+    macro AUROC per epoch, the frozen (linear-probe) epochs shaded."""
+    import json
+
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    epochs: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            e = json.loads(line)
+            epochs[int(e["epoch"])] = e  # a resumed run appends the same epoch again: the last one counts
+    if not epochs:
+        return None
+    rows = [epochs[k] for k in sorted(epochs)]
+    x = [e["epoch"] for e in rows]
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    frozen = [e["epoch"] for e in rows if e.get("frozen")]
+    for ax in (ax_loss, ax_auc):
+        if frozen:
+            ax.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="#ddd", label="frozen backbone (linear probe)")
+        ax.set_xlabel("epoch")
+    ax_loss.plot(x, [e.get("train_loss") for e in rows], "o-", label="train loss")
+    if any("val_loss" in e for e in rows):
+        ax_loss.plot(x, [e.get("val_loss", np.nan) for e in rows], "s-", label="validation loss")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=8)
+    auc = [e.get("val_macro_auroc", np.nan) for e in rows]
+    ax_auc.plot(x, [np.nan if v is None else v for v in auc], "o-", color="C2", label="validation macro AUROC")
+    ax_auc.set_ylabel("validation macro AUROC")
+    ax_auc.set_ylim(0.4, 1.0)
+    ax_auc.legend(fontsize=8, loc="lower right")
+    out = Path(run) / "curves.png"
+    _save(fig, out)
+    return out

@@ -317,7 +317,7 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
     meta = ModelMeta(
         classes=list(cfg.data.classes), task=cfg.data.task, preprocess=asdict(preprocess_spec(cfg)), mean=mean, std=std,
         in_channels=cfg.model.in_channels, dropout=cfg.model.dropout, config_sha256=cfg.digest(),
-        manifest_sha256=file_digest(Path(cfg.data.manifest)), weights_source=source.origin if source else "none",
+        manifest_sha256=file_digest(Path(cfg.data.manifest)), weights_source=source.origin if source else "none", weights_sha256=source.sha256 if source else None,
         store_dtype=cfg.data.store_dtype,
     )
     return _Run(
@@ -416,6 +416,9 @@ def _validate_and_checkpoint(run: _Run, epoch: int, record: dict) -> dict:
         torch.save({"optimizer": run.optimizer.state_dict(), "epoch": epoch, "best": run.best, "step": run.step, "stale": run.stale}, tmp)
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
+    from medres.plots import write_curves
+
+    write_curves(out)  # kept current each epoch: a stopped run has its curves too
     log.info("epoch %s", json.dumps(record))
     return record
 

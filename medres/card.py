@@ -1,0 +1,259 @@
+"""`medres card`: a model card (Mitchell et al., "Model Cards for Model Reporting", FAT* 2019) built
+only from what medres recorded — the checkpoint's metadata, the run's config.yaml, splits.csv and
+metrics.jsonl, and an `evaluate` folder's metrics.json. Nothing is typed by hand, so the card cannot
+drift from the model. Written as Markdown and as a self-contained HTML page (images inlined).
+
+Both renderings come from one list of sections made of paragraphs, bullet lists, tables and images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from medres.errors import UsageError
+from medres.files import atomic_write
+from medres.model import load_checkpoint, sha256_of
+
+RUO = "Research use only — not for diagnosis or any clinical decision."
+SECTIONS = ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
+            "Quantitative analyses", "Ethical considerations", "Caveats and recommendations")
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list = field(default_factory=list)  # ("p", text) | ("ul", [items]) | ("table", header, rows) | ("img", path, alt)
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def ul(self, items: list[str]) -> None:
+        self.blocks.append(("ul", items))
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        self.blocks.append(("table", header, rows))
+
+    def img(self, path: Path, alt: str) -> None:
+        self.blocks.append(("img", path, alt))
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def ci(value, interval) -> str:
+    if not interval or interval[0] is None:
+        return fmt(value)
+    return f"{fmt(value)} ({fmt(interval[0])}–{fmt(interval[1])})"
+
+
+def _versions() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [f"python {platform.python_version()}"]
+    for name in ("medres", "torch", "numpy", "pydicom", "monai", "scikit-learn"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def data_counts(run: Path, manifest: Path | None) -> tuple[pd.DataFrame, str | None]:
+    """Images per class × source × split (source: the manifest's `source` or `site` column if any)."""
+    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+    if manifest is None or not Path(manifest).is_file():
+        return splits.groupby("split").size().rename("images").reset_index(), None
+    from medres.data.manifest import read_csv
+
+    man = read_csv(Path(manifest))
+    label_col = "label" if "label" in man.columns else "labels" if "labels" in man.columns else None
+    source = next((c for c in ("source", "site") if c in man.columns), None)
+    keep = ["path"] + ([label_col] if label_col else []) + ([source] if source else [])
+    merged = splits.merge(man[keep].astype(str), on="path", how="left")
+    by = (["split"] + ([label_col] if label_col else []) + ([source] if source else []))
+    table = merged.groupby(by).size().rename("images").reset_index()
+    return table.rename(columns={label_col: "class"} if label_col else {}), source
+
+
+def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
+    run = Path(run)
+    ckpt = run / "model.safetensors"
+    if not ckpt.is_file():
+        raise UsageError(f"--run {run}: no model.safetensors (is it a medres run folder?)")
+    _, meta = load_checkpoint(ckpt)
+    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) if (run / "config.yaml").is_file() else {}
+    ev = None
+    if eval_dir is not None:
+        path = Path(eval_dir) / "metrics.json"
+        if not path.is_file():
+            raise UsageError(f"--eval {eval_dir}: no metrics.json (run medres evaluate --run {run} --out {eval_dir} first)")
+        ev = json.loads(path.read_text(encoding="utf-8"))
+    manifest = cfg.get("data", {}).get("manifest")
+    counts, source = data_counts(run, Path(manifest) if manifest else None)
+    s = {t: Section(t) for t in SECTIONS}
+
+    d = s["Model details"]
+    d.p(RUO)
+    d.ul([
+        f"Name: {cfg.get('name', run.name)}; architecture {meta.arch} (torchvision-identical ResNet50, new {len(meta.classes)}-way head), task {meta.task}",
+        f"Classes: {', '.join(meta.classes)}",
+        f"Input: {meta.preprocess.get('image_size')} px, {meta.preprocess.get('resize')}, {meta.in_channels} channel(s), normalisation mean {meta.mean} std {meta.std}, DICOM VOI policy {meta.preprocess.get('voi')}",
+        f"Initial weights: {meta.weights_source or 'none'}" + (f" (sha256 {meta.weights_sha256})" if meta.weights_sha256 else ""),
+        f"Checkpoint: model.safetensors, sha256 {sha256_of(ckpt)}; best epoch {meta.epoch}, validation macro AUROC {fmt(meta.val_auroc)}",
+        f"Config sha256 {meta.config_sha256}; training manifest sha256 {meta.manifest_sha256}",
+        "Software: " + ", ".join(_versions()) + f" (trained with medres {meta.medres_version}, torch {meta.torch_version})",
+    ])
+    if (run / "curves.png").is_file():
+        d.img(run / "curves.png", "training curves")
+
+    u = s["Intended use"]
+    u.p(f"Research on {', '.join(meta.classes)} classification of chest radiographs: model development, retrospective "
+        "evaluation and error analysis by researchers and hospital data teams. " + RUO)
+    expect = ", ".join(f"{k} {'/'.join(v)}" for k, v in (meta.expect or {}).items())
+    u.ul([
+        "Out of scope: diagnosis, triage or any decision about a patient; populations, scanners and sites unlike the training data (see Training data).",
+        f"Inputs the training headers cover: {expect}; files whose DICOM header contradicts this are rejected by predict." if expect else
+        "The training images carried no DICOM header tags, so the header gate has no defaults: other views, body parts and modalities are not refused by header (set --expect).",
+        "Images flagged out of distribution by the input gate (ood_score above its threshold) are outside the intended use." if meta.ood else
+        "No OOD detector is stored: run medres calibrate to add one.",
+    ])
+
+    f = s["Factors"]
+    groups = [sg["column"] for sg in (ev or {}).get("subgroups", [])]
+    f.p("Relevant factors: acquisition source/site, scanner and view, patient age and sex, disease prevalence. "
+        + (f"Audited on the test split by: {', '.join(groups)}." if groups else "No subgroup audit was run (medres evaluate --by COLUMN)."))
+
+    m = s["Metrics"]
+    m.ul([
+        "AUROC and average precision per class and macro-averaged; sensitivity, specificity, PPV, NPV and F1 at the operating points chosen on validation "
+        f"({meta.threshold_method or 'default 0.5'}: " + ", ".join(f"{c} {t:.3f}" for c, t in zip(meta.classes, meta.effective_thresholds())) + ").",
+        "95% confidence intervals from a patient-level bootstrap (a patient's images are resampled together).",
+        f"Calibration: expected calibration error and Brier score before and after temperature scaling (T = {meta.temperature:.3f}, fitted on validation).",
+        (f"Conformal prediction sets ({meta.conformal['method']}, target coverage {meta.conformal['coverage']:.2f}, calibrated on {meta.conformal['n']} validation images): "
+         "empirical coverage and mean set size.") if meta.conformal else "No conformal sets stored.",
+    ])
+
+    e = s["Evaluation data"]
+    if ev:
+        e.p(f"Split '{ev.get('split') or 'all'}': {ev['images']} images from {ev['patients']} patients, patient-disjoint from training and validation.")
+        e.table(["class", "positives"], [[c, ev["per_class"][c]["positives"]] for c in ev["classes"]])
+    else:
+        e.p("No evaluation given (medres card --eval EVAL_DIR).")
+
+    t = s["Training data"]
+    t.p(f"Manifest {Path(manifest).name if manifest else 'n/a'}; patients never cross splits ({cfg.get('data', {}).get('group_by', 'patient_id')}). "
+        + (f"Counts by split, class and {source}:" if source else "Counts by split and class:"))
+    t.table(list(counts.columns), counts.values.tolist())
+
+    q = s["Quantitative analyses"]
+    if ev:
+        keys = ("auroc", "average_precision", "sensitivity", "specificity")
+        rows = [[c] + [ci(ev["per_class"][c][k], ev["per_class"][c].get(k + "_ci")) for k in keys] for c in ev["classes"]]
+        rows.append(["macro"] + [ci(ev["macro"][k], ev["macro"].get(k + "_ci")) for k in keys])
+        q.table(["class", "AUROC", "average precision", "sensitivity", "specificity"], rows)
+        if "accuracy" in ev:
+            q.p(f"Accuracy {ci(ev['accuracy'], ev.get('accuracy_ci'))}.")
+        cal = ev["calibration"]
+        q.table(["calibration", "ECE", "Brier"], [["before (T = 1)", fmt(cal["before"]["ece"]), fmt(cal["before"]["brier"])],
+                                                  [f"after (T = {cal['temperature']:.3f})", fmt(cal["after"]["ece"]), fmt(cal["after"]["brier"])]])
+        cf = ev.get("conformal")
+        if cf:
+            q.p(f"Conformal sets ({cf['method']}, target {cf['target']:.2f}): coverage {ci(cf['coverage'], cf.get('coverage_ci'))}, "
+                f"mean set size {ci(cf['mean_set_size'], cf.get('mean_set_size_ci'))}.")
+            for col, groups_ in cf.get("subgroups", {}).items():
+                q.table([col, "images", "coverage", "mean set size"], [[g, v["images"], ci(v["coverage"], v.get("coverage_ci")), ci(v["mean_set_size"], v.get("mean_set_size_ci"))] for g, v in groups_.items()])
+        for sg in ev.get("subgroups", []):
+            q.table([sg["column"], "images", "patients", "macro AUROC"] + [f"{c} AUROC" for c in ev["classes"]],
+                    [[g, v["images"], v["patients"], ci(v["macro"]["auroc"], v["macro"].get("auroc_ci"))] + [fmt(v["per_class"][c]["auroc"]) for c in ev["classes"]] for g, v in sg["groups"].items()])
+            if sg.get("predictability_auroc") is not None:
+                q.p(f"{sg['column']} is predictable from the model outputs with AUROC {fmt(sg['predictability_auroc'])} (≥ 0.8 suggests a shortcut).")
+        if ev.get("ood"):
+            o = ev["ood"]
+            q.p(f"Input gate on the test split: {o['flagged']} of {ev['images']} images ({fmt(o['flagged_fraction'])}) flagged out of distribution.")
+    else:
+        q.p("No evaluation given.")
+    if meta.ood:
+        q.p(f"OOD gate: {meta.ood['method']} on penultimate features of {meta.ood['n_train']} training images; threshold {meta.ood['threshold']:.4f} "
+            f"= the {meta.ood['quantile']:.0%} quantile of {meta.ood['n_val']} validation images.")
+
+    x = s["Ethical considerations"]
+    x.ul([
+        "Outputs, logs and this card contain no DICOM identifiers; predict and report write none unless asked explicitly.",
+        "Label noise: public chest X-ray labels are often text-mined from reports; metrics inherit that noise.",
+        "Disease and acquisition source can be entangled in public data: a model can learn the source instead of the disease (see the subgroup audit and shortcut warnings).",
+        "Performance on under-represented groups is unknown where they are absent from the test split.",
+    ])
+
+    c = s["Caveats and recommendations"]
+    warnings = (ev or {}).get("warnings", [])
+    c.ul(([f"Warning from evaluate: {w}" for w in warnings] or ["evaluate raised no warnings."]) + [
+        "Validate on your own site's data before drawing conclusions; conformal coverage holds only for data exchangeable with the validation split.",
+        "An OOD score is a screen, not a guarantee.",
+        RUO,
+    ])
+    return [s[t] for t in SECTIONS]
+
+
+# --- rendering -------------------------------------------------------------------------------------
+def to_markdown(sections: list[Section], out: Path) -> str:
+    import os
+
+    lines = ["# Model card", ""]
+    for sec in sections:
+        lines += [f"## {sec.title}", ""]
+        for b in sec.blocks:
+            if b[0] == "p":
+                lines += [b[1], ""]
+            elif b[0] == "ul":
+                lines += [f"- {i}" for i in b[1]] + [""]
+            elif b[0] == "table":
+                lines += ["| " + " | ".join(map(str, b[1])) + " |", "|" + "---|" * len(b[1])]
+                lines += ["| " + " | ".join(map(str, r)) + " |" for r in b[2]] + [""]
+            elif b[0] == "img":
+                lines += [f"![{b[2]}]({os.path.relpath(b[1], out.parent)})", ""]
+    return "\n".join(lines)
+
+
+def to_html(sections: list[Section]) -> str:
+    esc = html.escape
+    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8><title>Model card</title><style>"
+             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1000px}table{border-collapse:collapse;margin:.6em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style></head><body><h1>Model card</h1>"]
+    for sec in sections:
+        parts.append(f"<h2>{esc(sec.title)}</h2>")
+        for b in sec.blocks:
+            if b[0] == "p":
+                parts.append(f"<p>{esc(b[1])}</p>")
+            elif b[0] == "ul":
+                parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b[1]) + "</ul>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{esc(str(h))}</th>" for h in b[1])
+                body = "".join("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>" for r in b[2])
+                parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            elif b[0] == "img":  # inlined: the page is one self-contained file
+                data = base64.b64encode(Path(b[1]).read_bytes()).decode()
+                parts.append(f'<img src="data:image/png;base64,{data}" alt="{esc(b[2])}">')
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_card(run: str | Path, out: str | Path, eval_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """model_card.md at `out` and the same card as a self-contained .html beside it."""
+    out = Path(out)
+    sections = build(run, eval_dir)
+    atomic_write(out, to_markdown(sections, out))
+    page = out.with_suffix(".html")
+    atomic_write(page, to_html(sections))
+    return out, page

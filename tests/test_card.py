@@ -1,0 +1,100 @@
+"""`medres card` and the run's curves.png: every section present, every number equal to its source."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medres.card import SECTIONS, ci, fmt, write_card
+from medres.evaluate import evaluate
+from medres.model import load_checkpoint, sha256_of
+
+
+@pytest.fixture(scope="module")
+def carded(trained_run, phantoms, tmp_path_factory):
+    ev = tmp_path_factory.mktemp("eval")
+    evaluate(trained_run / "model.safetensors", phantoms, ev, splits_csv=trained_run / "splits.csv", by=["site"], bootstrap=50)
+    out = tmp_path_factory.mktemp("card") / "model_card.md"
+    md, page = write_card(trained_run, out, ev)
+    return md.read_text(), page.read_text(), json.loads((ev / "metrics.json").read_text()), ev
+
+
+def _table_rows(md: str, first_header: str) -> list[list[str]]:
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_every_section_in_both_renderings(carded):
+    md, page, _, _ = carded
+    for title in SECTIONS:
+        assert f"## {title}" in md and f"<h2>{title}</h2>" in page
+    assert "Research use only" in md
+    assert "http://" not in page and "https://" not in page and "data:image/png;base64," in page  # self-contained
+
+
+def test_numbers_equal_the_sources(carded, trained_run, phantoms):
+    md, _, ev, _ = carded
+    _, meta = load_checkpoint(trained_run / "model.safetensors")
+    assert sha256_of(trained_run / "model.safetensors") in md and meta.config_sha256 in md
+    metrics = {r[0]: r[1:] for r in _table_rows(md, "class | AUROC")}
+    for c in ev["classes"]:
+        pc = ev["per_class"][c]
+        assert metrics[c] == [ci(pc[k], pc[k + "_ci"]) for k in ("auroc", "average_precision", "sensitivity", "specificity")]
+    assert metrics["macro"][0] == ci(ev["macro"]["auroc"], ev["macro"]["auroc_ci"])
+    assert f"Accuracy {ci(ev['accuracy'], ev['accuracy_ci'])}." in md
+    cal = {r[0]: r[1:] for r in _table_rows(md, "calibration")}
+    assert cal["before (T = 1)"] == [fmt(ev["calibration"]["before"]["ece"]), fmt(ev["calibration"]["before"]["brier"])]
+    cf = ev["conformal"]
+    assert f"coverage {ci(cf['coverage'], cf['coverage_ci'])}, mean set size {ci(cf['mean_set_size'], cf['mean_set_size_ci'])}" in md
+    assert f"{meta.ood['threshold']:.4f}" in md and f"{ev['ood']['flagged']} of {ev['images']} images" in md
+    # training data: images per split × class × site, counted here independently
+    splits = pd.read_csv(trained_run / "splits.csv")
+    man = pd.read_csv(phantoms)
+    expected = splits.merge(man, on="path").groupby(["split", "label", "site"]).size()
+    table = _table_rows(md, "split | class")
+    assert {(r[0], r[1], r[2]): int(r[3]) for r in table} == {k: int(v) for k, v in expected.items()}
+    assert sum(int(r[3]) for r in table) == len(man)
+    # subgroup rows and every evaluate warning
+    site = {r[0]: r for r in _table_rows(md, "site | images | patients")}
+    for g, v in ev["subgroups"][0]["groups"].items():
+        assert site[g][1:4] == [str(v["images"]), str(v["patients"]), ci(v["macro"]["auroc"], v["macro"]["auroc_ci"])]
+    for w in ev["warnings"]:
+        assert w in md
+    assert re.search(r"Split 'test': \d+ images from \d+ patients", md)
+
+
+def test_curves_png_and_the_evaluate_page_link(carded, trained_run):
+    _, _, ev, ev_dir = carded
+    img = Image.open(trained_run / "curves.png")
+    assert img.size[0] > 400 and img.size[1] > 200
+    assert ev["curves"].endswith("curves.png") and (ev_dir / ev["curves"]).resolve() == (trained_run / "curves.png").resolve()
+    page = (ev_dir / "report.html").read_text()
+    assert "model_card.html" in page and "curves.png" in page
+
+
+def test_curves_keep_the_last_record_of_a_resumed_epoch(tmp_path):
+    from medres.plots import write_curves
+
+    rows = [{"epoch": 1, "frozen": True, "train_loss": 1.0, "val_loss": 1.1, "val_macro_auroc": 0.6},
+            {"epoch": 2, "frozen": False, "train_loss": 0.8, "val_loss": 0.9, "val_macro_auroc": 0.7},
+            {"epoch": 2, "frozen": False, "train_loss": 0.7, "val_loss": 0.8, "val_macro_auroc": 0.75}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_curves(tmp_path) == tmp_path / "curves.png"
+    assert write_curves(tmp_path / "missing") is None
+
+
+def test_card_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from medres.errors import UsageError
+
+    with pytest.raises(UsageError, match="no model.safetensors"):
+        write_card(tmp_path, tmp_path / "card.md")
