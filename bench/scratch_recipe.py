@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from _common import ROOT, SHARED, machine, need, table

@@ -44,8 +44,9 @@ def columns(meta) -> list[str]:
     return cols + ["ood_score", "in_distribution"]
 
 
-def gate_of(checkpoint, meta, *, expect: list[str] | None, gate: str, backend: str = "torch") -> tuple[dict, "OodDetector | None"]:
-    """The header expectations (checkpoint defaults + --expect) and the OOD detector `--gate` asks for."""
+def gate_of(checkpoint, meta, *, expect: list[str] | None, gate: str, backend: str = "torch") -> tuple[dict, object]:
+    """The header expectations (checkpoint defaults + --expect) and the OOD detector (`gate.OodDetector`,
+    or None) that `--gate` asks for."""
     from medres.calibration import load_detector
     from medres.gate import parse_expect, resolve_expect
 

@@ -31,7 +31,7 @@ from medres.data.store import ImageStore
 from medres.data.transforms import AugmentSpec, augment
 from medres.errors import ConfigInvalid, ManifestInvalid, NonFiniteLoss, TrainingError
 from medres.files import atomic_path, atomic_write, csv_text
-from medres.inference import Predictor, autocast, calibrate_meta, normalise, resolve_device, resolve_precision, to_probs
+from medres.inference import Predictor, autocast, normalise, resolve_device, resolve_precision, to_probs
 from medres.io import PreprocessSpec
 from medres.io.cache import file_digest
 from medres.metrics import macro_auroc
