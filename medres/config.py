@@ -78,7 +78,9 @@ class TrainConfig(_Strict):
     loader_workers: int | None = Field(None, ge=0, description="DataLoader processes reading training batches from the store (None: 0 on CPU, where a reader process takes a core from the model; 4 on CUDA).")
     early_stopping: int = Field(0, ge=0, description="Stop after this many epochs without a better validation AUROC (0: off).")
     max_steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch (0: all); for smoke tests.")
-    calibrate: bool = Field(True, description="Fit temperature scaling and operating points on validation at the end.")
+    calibrate: bool = Field(True, description="Fit temperature scaling, operating points, conformal sets and the input gate on held-out data at the end.")
+    log_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list, description="Experiment trackers (pip install 'medres[tracking]'): tensorboard writes RUN/tensorboard; mlflow logs params, per-epoch metrics, checkpoint and card.")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (None: sqlite:///RUN/mlflow.db with artifacts in RUN/mlartifacts; or your server's URI).")
 
     @model_validator(mode="after")
     def _freeze(self) -> "TrainConfig":

@@ -220,8 +220,6 @@ def fit(cfg: Config, out: str | Path, *, resume: bool = False, show_progress: bo
 
 
 def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
-    from medres.progress import Progress  # printing belongs to the caller's terminal; quiet in tests
-
     device = resolve_device(cfg.train.device)
     distributed = _setup_distributed(device)
     rank, world = _rank()
@@ -242,6 +240,26 @@ def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
+    tracker = None
+    if rank == 0 and cfg.train.log_to:
+        from medres.tracking import Tracker
+
+        tracker = Tracker(cfg, out)
+    try:
+        summary = _epochs_and_calibration(cfg, out, manifest, source, device, rank, world, distributed, resume, show_progress, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.abort()
+        raise
+    if tracker is not None:
+        tracker.finish([out / BEST, out / "curves.png", out / "model_card.md", out / "config.yaml"], {"best_score": summary["best_score"]})
+    return summary
+
+
+def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, device, rank: int, world: int, distributed: bool,
+                            resume: bool, show_progress: bool, tracker) -> dict:
+    from medres.progress import Progress
+
     bar = Progress(enabled=show_progress and rank == 0)
     with bar.task("decode", total=None) as tick:
         manifest, splits, store = prepare_data(cfg, out, progress=tick, manifest=manifest)
@@ -254,6 +272,8 @@ def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
             record = _train_epoch(run, epoch, tick)
             if rank == 0:
                 history.append(_validate_and_checkpoint(run, epoch, record))
+                if tracker is not None:
+                    tracker.epoch(history[-1])
             if distributed:
                 # DDP syncs BatchNorm statistics from rank 0 only at the next forward: after an epoch's
                 # last step each rank holds its own. Rank 0's (the checkpoint's) go to every rank now.
@@ -269,6 +289,10 @@ def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
     summary = {"run": str(out), "epochs": history, "best_score": run.best}
     if rank == 0 and cfg.train.calibrate and len(run.val_rows):
         summary["calibration"] = calibrate_run(out, run)
+    if rank == 0:
+        from medres.card import write_card
+
+        write_card(out, out / "model_card.md")  # without an evaluation; medres card --eval adds one
     store.close()
     if distributed:
         _check_ranks_agree(run)

@@ -98,3 +98,33 @@ def test_card_refuses_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(UsageError, match="no model.safetensors"):
         write_card(tmp_path, tmp_path / "card.md")
+
+
+def test_tensorboard_and_mlflow_against_local_stores(phantoms, tmp_path):
+    """train.log_to writes TensorBoard events and an MLflow run to local files (never a network
+    service): params = the resolved config, one metric value per epoch, checkpoint and card as artifacts."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medres.config import load_config
+    from medres.train import fit
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "smoke.yaml", [f"data.manifest={phantoms}", "train.log_to=[tensorboard,mlflow]", "train.max_steps_per_epoch=2"])
+    out = tmp_path / "run"
+    summary = fit(cfg, out, show_progress=False)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_macro_auroc")] == [1, 2]
+    assert [round(e.value, 6) for e in events.Scalars("train_loss")] == [round(e["train_loss"], 6) for e in summary["epochs"]]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["data.image_size"] == "64"
+    history = client.get_metric_history(run.info.run_id, "val_macro_auroc")
+    assert [m.step for m in history] == [1, 2] and [m.value for m in history] == pytest.approx([e["val_macro_auroc"] for e in summary["epochs"]])
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.safetensors", "model_card.md", "curves.png", "config.yaml"} <= names
+    assert str(out / "mlartifacts") in run.info.artifact_uri
