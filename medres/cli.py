@@ -234,6 +234,8 @@ def predict(
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first bad file."),
     flush_every: float = typer.Option(10.0, "--flush-every", help="Seconds between fsyncs of the row journal (.OUT.partial); the table is written atomically at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    benchmark: bool = typer.Option(False, "--benchmark", help="Do not score: time each stage (start-up, decode, forward, write, end to end) on the first --benchmark-files inputs and write the figures as JSON to --out."),
+    benchmark_files: int = typer.Option(200, "--benchmark-files", min=1, help="How many input files --benchmark times."),
 ) -> None:
     """Score whole folders; one row per file, errors included. Exit 0 all scored, 1 some failed, 2 usage, 3 bad checkpoint.
 
@@ -243,6 +245,20 @@ def predict(
     """
     from medres.predict import predict as run_predict
     from medres.progress import Progress
+
+    if benchmark:
+        from medres.files import atomic_write
+        from medres.speed import stage_benchmark
+
+        res = _run(lambda: stage_benchmark(checkpoint, list(inputs), files=benchmark_files, batch_size=batch_size, workers=workers, device=device, precision=precision, gate=gate))
+        m = res["machine"]
+        typer.echo(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_isa']}, {m['torch_threads']} threads){', ' + m['cuda'] if m['cuda'] else ''}")
+        typer.echo(f"start-up (checkpoint load): {res['startup_seconds']:.2f} s; {res['files']} files, {res['decoded_ok']} decoded")
+        for name, st in res["stages"].items():
+            typer.echo(f"  {name:<11} {st['images_per_s']:8.1f} images/s")
+        typer.echo(f"slowest stage: {res['bottleneck']} -> {out}")
+        atomic_write(out, json.dumps(res, indent=2))
+        raise typer.Exit(0)
 
     def go():
         bar = Progress(enabled=not quiet)
@@ -481,9 +497,9 @@ def demo(
     typer.echo("")
     typer.echo(f"test macro AUROC {result['auroc']:.3f} (95% CI {result['auroc_ci'][0]:.3f}-{result['auroc_ci'][1]:.3f}), accuracy {result['accuracy']:.3f}")
     typer.echo(f"evaluation report: {result['eval_html']}")
-    typer.echo(f"Grad-CAM report:   {result['report_html']}")
     typer.echo(f"predictions:       {result['predictions']}")
     typer.echo(f"model card:        {result['card']}")
+    typer.echo(f"Grad-CAM report:   {result['report_html']}")
 
 
 def main() -> None:

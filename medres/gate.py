@@ -116,11 +116,11 @@ class OodDetector:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Smallest squared Mahalanobis distance to a class mean, divided by the dimension."""
-        f = torch.as_tensor(np.asarray(features, dtype=np.float32))
-        mu = torch.from_numpy(self.means)
-        p = torch.from_numpy(self.precision)
-        fp = f @ p
-        d = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + ((mu @ p) * mu).sum(1)[None, :]
+        # float64 and the differences themselves (not the expanded fPf − 2fPμ + μPμ, which cancels
+        # badly): a file's score must not depend on which batch it was scored in.
+        f = torch.as_tensor(np.asarray(features, dtype=np.float64))
+        p = torch.from_numpy(self.precision).double()
+        d = torch.stack([(((f - mu) @ p) * (f - mu)).sum(1) for mu in torch.from_numpy(self.means).double()], dim=1)
         return (d.min(1).values.clamp_min(0) / f.shape[1]).numpy()
 
     def tensors(self) -> dict[str, torch.Tensor]:

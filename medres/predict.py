@@ -339,7 +339,7 @@ def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", threshold: float | 
         if batch.ood is not None:
             score = float(batch.ood[k])
             inside = score <= threshold
-            row.update(ood_score=f"{score:.4f}", in_distribution=int(inside))
+            row.update(ood_score=f"{score:.5g}", in_distribution=int(inside))
             if gate == "reject" and not inside:
                 row.update(status="rejected", error_code=OOD_CODE, message=f"[{OOD_CODE}] {d.file.shown}: OOD score {score:.3f} > threshold {threshold:.3f}")
                 k += 1

@@ -32,6 +32,7 @@ from medres.scoring import ScoredBatch, default_workers, discover, scored_batche
 
 log = logging.getLogger(__name__)
 DISPLAY_MAX = 1024
+ALL_MAPS_UP_TO = 8  # classes: up to this many, the case page offers a map for every class
 RUO = "Research use only — not for diagnosis."
 
 
@@ -54,6 +55,9 @@ class Case:
     ood_score: float | None = None
     in_distribution: bool | None = None  # None: the checkpoint has no OOD detector
     prediction_set: list[str] = field(default_factory=list)
+    explained: int = 0  # the first `explained` targets are the prediction (or --class); the rest: other classes
+    predicted: list[int] = field(default_factory=list)  # the model's call at the stored operating points
+    truth: list[int] | None = None  # class indices of the ground truth when the input is a labelled manifest
 
     @property
     def name(self) -> str:
@@ -140,7 +144,8 @@ def report(
     expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate)
     predictor = Predictor.create(model, meta, device=device, precision=precision)
     opts = _Options(method, layer, target_class, normalize, weight_by_probability, faithfulness, include_identifiers, dicom_sc, gate, expectations, detector)
-    cases = [Case(i, f.shown, f.full) for i, f in enumerate(files)]
+    truth = manifest_truth(inputs, meta)
+    cases = [Case(i, f.shown, f.full, truth=truth.get(f.shown)) for i, f in enumerate(files)]
     (out / "cases").mkdir(parents=True, exist_ok=True)
     cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers)
     spec = PreprocessSpec.from_dict(meta.preprocess)
@@ -153,10 +158,11 @@ def report(
     for k, scale in scales.items():
         _write_colorbar(out / f"colorbar_{k}.png", meta.classes[k], scale, normalize, weight_by_probability, method)
     ckpt_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
-    for case in cases:
-        if case.status == "ok" and case.cams is not None:
-            _write_overlays(case, out, scales, opts, meta)
-            atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, meta.effective_thresholds(), ckpt_sha, method, grid, normalize, scales))
+    pages = [c for c in cases if c.status == "ok" and c.cams is not None]
+    for i, case in enumerate(pages):  # prev/next in input order; the index's script passes its own order
+        _write_overlays(case, out, scales, opts, meta)
+        prev, nxt = (pages[i - 1].name if i else None), (pages[i + 1].name if i + 1 < len(pages) else None)
+        atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, meta.effective_thresholds(), ckpt_sha, method, grid, normalize, scales, prev, nxt))
     atomic_write(out / "index.html", _index_html(cases, meta, meta.effective_thresholds(), method, grid, normalize, scales, faithfulness))
     summary = _summary(cases, meta, scales, opts, cells)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
@@ -240,12 +246,16 @@ def _explain(batch, chunk: list[Case], predictor: Predictor, opts: _Options) -> 
     for case, p, lab in zip(chunk, batch.probs, labels):
         case.probs = [float(v) for v in p]
         case.positive = [int(v >= t) for v, t in zip(p, thresholds)]
+        case.predicted = [int(lab)] if meta.task == "multiclass" else [j for j, v in enumerate(lab) if v]
         if opts.target_class is not None:
             case.targets = [meta.classes.index(opts.target_class)]
         elif meta.task == "multiclass":
             case.targets = [int(lab)]
         else:
             case.targets = [j for j, v in enumerate(lab) if v] or [int(np.argmax(p))]
+        case.explained = len(case.targets)
+        if opts.method != "occlusion" and len(meta.classes) <= ALL_MAPS_UP_TO:  # one map per class for the case page
+            case.targets += [j for j in np.argsort(-p, kind="stable").tolist() if j not in case.targets]
     k = max(len(c.targets) for c in chunk)
     t = torch.tensor([c.targets + [-1] * (k - len(c.targets)) for c in chunk])
     score = "log_odds" if meta.task == "multiclass" else "logit"
@@ -280,8 +290,9 @@ def shared_scales(cases: list[Case], n_classes: int) -> dict[int, float]:
 
 
 def _write_overlays(case: Case, out: Path, scales: dict[int, float], opts: _Options, meta) -> None:
-    """Each target's map, back on the original's grid (geometry undoes letterbox/crop), over the
-    display image written in the first pass."""
+    """Each target's map, back on the original's grid (geometry undoes letterbox/crop): a transparent
+    heat layer per class for the case page's overlay (`_heat_k.png`), and for the explained classes
+    the overlay drawn into the image (`_cam_k.png`, also the thumbnail and the DICOM SC)."""
     cmap = _colormap()
     grey = np.asarray(Image.open(out / "cases" / f"{case.name}_image.png"), dtype=np.float32) / 255
     for k, cls in enumerate(case.targets):
@@ -290,12 +301,28 @@ def _write_overlays(case: Case, out: Path, scales: dict[int, float], opts: _Opti
         native = case.geometry.to_original(np.clip(heat, 0, 1))
         if native.shape != grey.shape:  # the display image is downscaled (or a decoder returned another size)
             native = np.asarray(Image.fromarray(np.nan_to_num(native, nan=0.0).astype(np.float32), mode="F").resize((grey.shape[1], grey.shape[0]), Image.Resampling.BILINEAR))
+        _save_png(out / "cases" / f"{case.name}_heat_{cls}.png", heat_layer(native, cmap))
+        if k >= case.explained:
+            continue
         image = overlay(grey, native, cmap)
         _save_png(out / "cases" / f"{case.name}_cam_{cls}.png", image)
+        if k == 0:
+            thumb = Image.fromarray(image)
+            thumb.thumbnail((96, 96))
+            _save_png(out / "cases" / f"{case.name}_thumb.png", np.asarray(thumb))
         if opts.dicom_sc and case.record and case.record.get("format") == "dicom":
             from medres.dicom_out import write_secondary_capture
 
             write_secondary_capture(Path(case.full), image, out / "cases" / f"{case.name}_cam_{cls}.dcm", include_identifiers=opts.include_identifiers, description=f"medres Grad-CAM {meta.classes[cls]}")
+
+
+def heat_layer(heat: np.ndarray, cmap: np.ndarray) -> np.ndarray:
+    """(H, W) heat in [0, 1] or NaN → RGBA uint8: the colour map, opaque where hot, clear where cold
+    or unseen; the page's opacity slider scales it."""
+    h = np.clip(np.nan_to_num(heat, nan=0.0), 0, 1)
+    rgb = cmap[(h * 255).astype(int)]
+    alpha = (np.sqrt(h) * 255).astype(np.uint8)  # sqrt: a faint map stays visible at full opacity
+    return np.dstack([rgb, alpha])
 
 
 def _summary(cases: list[Case], meta, scales: dict[int, float], opts: _Options, cells) -> dict:
@@ -341,26 +368,70 @@ def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, w
     plt.close(fig)
 
 
-_CSS = ".flag{background:#fff3cd;border:1px solid #d6b656;padding:.4em}td.flag{padding:4px 8px}body{font-family:system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}th{cursor:pointer;background:#f4f4f4}.ruo{background:#fee;padding:.5em;border:1px solid #c99}.error{color:#a00}img.big{max-width:46vw;margin-right:1em}"
+def manifest_truth(inputs: list, meta) -> dict[str, list[int]]:
+    """Ground truth (class indices) by row key for the inputs that are labelled manifests; {} for
+    folders and files, or a manifest whose labels are not this model's classes."""
+    from medres.data.manifest import load_manifest
+    from medres.errors import MedresError
+    from medres.scoring import _is_manifest
+
+    truth: dict[str, list[int]] = {}
+    for raw in inputs:
+        p = Path(raw)
+        if not (p.is_file() and p.suffix.lower() == ".csv" and _is_manifest(p)):
+            continue
+        try:
+            m = load_manifest(p, classes=meta.classes, task=meta.task)
+        except MedresError as err:  # unlabelled, or other classes: the report simply has no truth column
+            log.info("no ground truth from %s: %s", p.name, err.one_line())
+            continue
+        for path, row in zip(m.frame["path"], m.targets):
+            truth[str(path)] = [int(j) for j in np.nonzero(row)[0]]
+    return truth
+
+
+def _index_rows(cases: list[Case], meta) -> list[dict]:
+    """What the index page's script sorts, filters and pages: one small dict per case."""
+    rows = []
+    for c in cases:
+        r = {"name": c.name, "file": c.shown, "status": c.status, "view": c.header.get("view", ""), "truth": c.truth}
+        if c.status != "ok":
+            code = c.error[1 : c.error.index("]")] if c.error.startswith("[") and "]" in c.error else ""
+            r.update(code=code, message=c.error)
+        else:
+            r.update(probs=[round(v, 6) for v in c.probs], pos=c.positive, pred=c.predicted, set=c.prediction_set, ood=c.ood_score,
+                     flag=c.in_distribution is False, page=f"cases/{c.name}.html",
+                     thumb=f"cases/{c.name}_thumb.png")
+            if c.deletion_auc is not None:
+                r.update(deletion=round(c.deletion_auc, 4), insertion=round(c.insertion_auc, 4))
+        rows.append(r)
+    return rows
+
+
 def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, scales, faithfulness) -> str:
     from medres.templates import render
 
-    predictions = {c.index: ", ".join(meta.classes[t] for t in c.targets) if meta.task == "multilabel" else meta.classes[c.targets[0]] for c in cases if c.status == "ok" and c.targets}
     summary = None
     if faithfulness:
         d = [c.deletion_auc for c in cases if c.deletion_auc is not None]
         i = [c.insertion_auc for c in cases if c.insertion_auc is not None]
         summary = (float(np.mean(d)), float(np.mean(i))) if d else None
-    return render("report_index.html", css=_CSS, ruo=RUO, cases=cases, classes=meta.classes, method=method, layer=layer, normalize=normalize,
-                  scales=scales, faithfulness=faithfulness, faithfulness_summary=summary, predictions=predictions, zip=zip,
-                  conformal=meta.conformal, ood=meta.ood)
+    data = {"classes": meta.classes, "task": meta.task, "thresholds": thresholds, "rows": _index_rows(cases, meta),
+            "hasTruth": any(c.truth is not None for c in cases), "conformal": bool(meta.conformal), "ood": bool(meta.ood), "faithfulness": faithfulness}
+    return render("report_index.html", ruo=RUO, n=len(cases), classes=meta.classes, method=method, layer=layer, normalize=normalize,
+                  scales=scales, faithfulness_summary=summary, conformal=meta.conformal, ood=meta.ood, data=data,
+                  counts={s: sum(c.status == s for c in cases) for s in ("ok", "error", "rejected")}, flagged=sum(c.in_distribution is False for c in cases))
 
 
-def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize, scales) -> str:
+def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize, scales, prev: str | None, nxt: str | None) -> str:
     from medres.templates import render
 
     record = case.record or {}
     info = {k: record.get(k) for k in ("format", "modality", "body_part", "view", "laterality", "photometric", "bits_stored", "bits_allocated", "transfer_syntax", "sop_class")}
     scale_text = ", ".join(f"{meta.classes[k]}: 1.0 = {v:.4g}" for k, v in scales.items())
-    return render("report_case.html", css=_CSS, ruo=RUO, case=case, classes=meta.classes, thresholds=thresholds, record=record, info=info,
-                  meta=meta, ckpt_sha=ckpt_sha, method=method, layer=layer, normalize=normalize, scale_text=scale_text, zip=zip)
+    g = case.geometry
+    maps = [{"k": k, "name": meta.classes[k], "explained": i < case.explained} for i, k in enumerate(case.targets)]
+    return render("report_case.html", ruo=RUO, case=case, classes=meta.classes, thresholds=thresholds, record=record, info=info, maps=maps,
+                  meta=meta, ckpt_sha=ckpt_sha, method=method, layer=layer, normalize=normalize, scale_text=scale_text, zip=zip,
+                  prev=prev, next=nxt, predicted=[meta.classes[k] for k in case.predicted], truth=[meta.classes[j] for j in case.truth] if case.truth is not None else None,
+                  size=(g.original_width, g.original_height) if g else None)
