@@ -116,12 +116,18 @@ class OodDetector:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Smallest squared Mahalanobis distance to a class mean, divided by the dimension."""
-        # float64 and the differences themselves (not the expanded fPf − 2fPμ + μPμ, which cancels
-        # badly): a file's score must not depend on which batch it was scored in.
+        # fPf − 2 fPμ + μPμ: one (B, D) × (D, D) product for all classes. In float64, because in float32
+        # the terms' cancellation moved a file's score with the batch it was scored in.
         f = torch.as_tensor(np.asarray(features, dtype=np.float64))
-        p = torch.from_numpy(self.precision).double()
-        d = torch.stack([(((f - mu) @ p) * (f - mu)).sum(1) for mu in torch.from_numpy(self.means).double()], dim=1)
+        p, mu = self._p64, self._mu64
+        fp = f @ p
+        d = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + self._mpm[None, :]
         return (d.min(1).values.clamp_min(0) / f.shape[1]).numpy()
+
+    def __post_init__(self) -> None:
+        self._p64 = torch.from_numpy(np.asarray(self.precision, dtype=np.float64))
+        self._mu64 = torch.from_numpy(np.asarray(self.means, dtype=np.float64))
+        self._mpm = ((self._mu64 @ self._p64) * self._mu64).sum(1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {OOD_PREFIX + "means": torch.from_numpy(self.means), OOD_PREFIX + "precision": torch.from_numpy(self.precision)}

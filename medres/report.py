@@ -150,8 +150,9 @@ def report(
     cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers)
     spec = PreprocessSpec.from_dict(meta.preprocess)
     if cells and min(cells) < 7 and method != "occlusion":
-        log.warning("%s gives %d×%d heatmaps at %d px (each cell %d px): lesions are located to a cell at best; "
-                    "a shallower layer (e.g. --layer layer3) doubles the resolution", layer, *cells, spec.image_size, spec.image_size // cells[0])
+        shallower = {"layer4": "layer3", "layer3": "layer2"}.get(layer)
+        log.warning("%s gives %d×%d heatmaps at %d px (each cell %d px): lesions are located to a cell at best%s", layer, *cells, spec.image_size,
+                    spec.image_size // cells[0], f"; --layer {shallower} doubles the resolution" if shallower else "")
     where = "occlusion patches" if method == "occlusion" else layer
     grid = f"{where} ({cells[0]}×{cells[1]} cells)" if cells else f"{where} (no maps)"
     scales = shared_scales(cases, len(meta.classes))

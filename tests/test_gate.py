@@ -157,6 +157,10 @@ def test_threshold_stored_reloaded_and_refitted_by_calibrate(trained_run, phanto
     ckpt = tmp_path / "old.safetensors"
     save_checkpoint(ckpt, model, old)
     assert load_detector(ckpt, load_checkpoint(ckpt)[1]) is None
+    from medres.evaluate import evaluate
+
+    older = evaluate(ckpt, phantoms, tmp_path / "ev", splits_csv=trained_run / "splits.csv", bootstrap=10)  # pages render without the new parts
+    assert "conformal" not in older and "ood" not in older and (tmp_path / "ev" / "report.html").exists()
     with pytest.raises(UsageError, match="no OOD detector"):
         predict(ckpt, [phantoms], tmp_path / "x.csv", gate="reject")
     calibrate(ckpt, phantoms, trained_run / "splits.csv", device="cpu")

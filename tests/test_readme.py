@@ -100,9 +100,10 @@ def test_demo_command(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["demo", "--out", str(tmp_path), "--set", "data.image_size=32", "--set", "train.epochs=1", "--set", "eval.bootstrap=20"])
     assert r.exit_code == 0, r.output
-    for p in ("eval/report.html", "eval/metrics.json", "report/index.html", "predictions.csv", "run/model.safetensors"):
+    for p in ("eval/report.html", "eval/metrics.json", "report/index.html", "predictions.csv", "run/model.safetensors", "run/model_card.md", "run/model_card.html", "run/curves.png"):
         assert (tmp_path / p).exists(), p
-    assert "test macro AUROC" in r.output
+    assert "test macro AUROC" in r.output and f"model card:        {tmp_path / 'run' / 'model_card.md'}" in r.output
+    assert r.output.rstrip().splitlines()[-1] == f"Grad-CAM report:   {tmp_path / 'report' / 'index.html'}"  # the demo ends with the report
 
 
 def test_demo_config_is_package_data_and_linked_from_configs():
