@@ -34,7 +34,9 @@ from medres.io.record import clean_code_string
 GATED = {"modality": UnexpectedModality.code, "body_part": UnexpectedBodyPart.code, "view": UnexpectedView.code}
 OOD_CODE = OutOfDistribution.code
 HEADER_COLUMNS = ("source_format", "modality", "body_part", "view", "laterality")
-OOD_PREFIX = "ood."  # checkpoint tensors of the detector, beside the model's own
+OOD_PREFIX = "ood."
+# Computed and digital radiography: the same projection image from two detector technologies.
+PROJECTION_RADIOGRAPHY = {"CR", "DX"}  # checkpoint tensors of the detector, beside the model's own
 
 
 # --- header expectations ---------------------------------------------------------------------------
@@ -68,13 +70,16 @@ def resolve_expect(stored: dict | None, overrides: dict[str, list[str] | None]) 
 
 
 def header_profile(headers: list[dict]) -> dict[str, list[str]]:
-    """Expectations learnt from the training images' headers: every value seen, per gated key. Keys
-    no training image carried are left out (so PNG/JPEG training sets expect nothing)."""
+    """Expectations learnt from the training images' headers: every value seen, per gated key (CR and DX
+    count as one modality). Keys no training image carried are left out (so PNG/JPEG training sets
+    expect nothing)."""
     seen: dict[str, set[str]] = {k: set() for k in GATED}
     for h in headers:
         for k in GATED:
             if h.get(k):
                 seen[k].add(h[k])
+    if seen["modality"] & PROJECTION_RADIOGRAPHY:  # CR and DX are one kind of image: a CR-trained model is not refused a DX film
+        seen["modality"] |= PROJECTION_RADIOGRAPHY
     return {k: sorted(v) for k, v in seen.items() if v}
 
 

@@ -41,13 +41,15 @@ def test_expectations_parse_merge_and_check():
     assert check_header({"view": ""}, {"view": ["PA"]}) is None  # an absent tag never rejects
     assert check_header({}, {"modality": ["CR"]}) is None
     assert header_profile([{"modality": "CR", "view": "PA"}, {"modality": "DX"}, {}]) == {"modality": ["CR", "DX"], "view": ["PA"]}
+    assert header_profile([{"modality": "CR"}]) == {"modality": ["CR", "DX"]}  # one kind of image, two detector technologies
+    assert header_profile([{"modality": "MG"}]) == {"modality": ["MG"]}
     assert header_profile([{}, {}]) == {}
 
 
 def test_training_headers_become_the_default_expectations(trained_run):
     _, meta = load_checkpoint(trained_run / "model.safetensors")
-    # the phantom set's DICOMs are CR chest PA films; its PNGs carry no tags
-    assert meta.expect == {"body_part": ["CHEST"], "modality": ["CR"], "view": ["PA"]}
+    # the phantom set's DICOMs are CR chest PA films (DX allowed with CR); its PNGs carry no tags
+    assert meta.expect == {"body_part": ["CHEST"], "modality": ["CR", "DX"], "view": ["PA"]}
 
 
 @pytest.fixture(scope="module")
