@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,22 +24,13 @@ def timed(fn, *args, **kw) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
-    """CPU model, cores, the instruction-set level torch dispatches to, and torch's threads."""
-    import torch
+    """CPU model, cores, the instruction-set level torch dispatches to, and torch's threads (the same
+    facts `medres predict --benchmark` records: medres.speed.machine)."""
+    from medres.speed import machine as facts
 
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu_model()}, {os.cpu_count()} cores, {isa}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    m = facts()
+    return f"{m['cpu']}, {m['cores']} cores, {m['torch_isa']}, torch {m['torch']}, threads {m['torch_threads']}" + (f", {m['cuda']}" if m["cuda"] else "")
 
 
 def table(rows: list[tuple], header: tuple) -> str:

@@ -80,9 +80,9 @@ def sets(probs: np.ndarray, conformal: dict, task: str) -> np.ndarray:
     return (1.0 - probs) <= q[None, :] + 1e-12
 
 
-def set_labels(member: np.ndarray, classes: list[str]) -> list[str]:
-    """Membership rows → 'pneumonia|covid' strings (labels in probability order is the caller's job)."""
-    return ["|".join(c for c, m in zip(classes, row) if m) for row in member]
+def ordered_set(probs: np.ndarray, member: np.ndarray, classes: list[str]) -> list[str]:
+    """One image's set as class names, most probable first (what predict writes and the report shows)."""
+    return [classes[j] for j in np.argsort(-np.asarray(probs), kind="stable") if member[j]]
 
 
 def covered(member: np.ndarray, y: np.ndarray, task: str) -> np.ndarray:

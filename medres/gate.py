@@ -92,6 +92,11 @@ def check_header(header: dict, expect: dict[str, list[str]]) -> tuple[str, str] 
     return None
 
 
+def ood_refusal(path: str, score: float, threshold: float) -> str:
+    """The one-line message of a file `--gate reject` refuses."""
+    return f"[{OOD_CODE}] {path}: OOD score {score:.3f} > threshold {threshold:.3f}"
+
+
 # --- out-of-distribution score ---------------------------------------------------------------------
 @dataclass
 class OodDetector:

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
 from medres import conformal
 from medres.errors import NoInputs, OutputExists, UsageError
-from medres.gate import HEADER_COLUMNS, OOD_CODE
+from medres.gate import HEADER_COLUMNS, OOD_CODE, ood_refusal
 from medres.files import atomic_path, csv_text
 from medres.metrics import predict_labels
 from medres.scoring import (  # noqa: F401 — discover/shard/tta_views are part of predict's API too
@@ -341,7 +340,7 @@ def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", threshold: float | 
             inside = score <= threshold
             row.update(ood_score=f"{score:.5g}", in_distribution=int(inside))
             if gate == "reject" and not inside:
-                row.update(status="rejected", error_code=OOD_CODE, message=f"[{OOD_CODE}] {d.file.shown}: OOD score {score:.3f} > threshold {threshold:.3f}")
+                row.update(status="rejected", error_code=OOD_CODE, message=ood_refusal(d.file.shown, score, threshold))
                 k += 1
                 continue
         row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(meta.classes, p)})
@@ -350,8 +349,8 @@ def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", threshold: float | 
         else:
             row.update({f"positive_{c}": int(v) for c, v in zip(meta.classes, lab)})
         if members is not None:
-            in_set = [j for j in np.argsort(-p, kind="stable") if members[k, j]]
-            row.update(prediction_set="|".join(meta.classes[j] for j in in_set), set_size=len(in_set))
+            in_set = conformal.ordered_set(p, members[k], meta.classes)
+            row.update(prediction_set="|".join(in_set), set_size=len(in_set))
         k += 1
     return rows
 

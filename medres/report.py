@@ -22,7 +22,7 @@ from PIL import Image
 from medres import conformal
 from medres.cam import compute_cam, find_layer, occlusion_maps, upsample
 from medres.errors import NoInputs, UsageError
-from medres.gate import OOD_CODE
+from medres.gate import ood_refusal
 from medres.files import atomic_path, atomic_write
 from medres.inference import Predictor
 from medres.io import Geometry, PreprocessSpec
@@ -219,11 +219,10 @@ def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path
                 case.in_distribution = case.ood_score <= opts.detector.threshold
                 if opts.gate == "reject" and not case.in_distribution:
                     case.status = "rejected"
-                    case.error = f"[{OOD_CODE}] {case.shown}: OOD score {case.ood_score:.3f} > threshold {opts.detector.threshold:.3f}"
+                    case.error = ood_refusal(case.shown, case.ood_score, opts.detector.threshold)
                     continue
             if members is not None:
-                p = batch.probs[k]
-                case.prediction_set = [predictor.meta.classes[j] for j in np.argsort(-p, kind="stable") if members[k, j]]
+                case.prediction_set = conformal.ordered_set(batch.probs[k], members[k], predictor.meta.classes)
             case.record, case.geometry = d.record.to_dict(), d.record.geometry
             grey = (np.clip(d.display, 0, 1) * 255).astype(np.uint8)
             _save_png(out / "cases" / f"{case.name}_image.png", grey)
