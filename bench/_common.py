@@ -30,7 +30,7 @@ def machine() -> str:
     from medres.speed import machine as facts
 
     m = facts()
-    return f"{m['cpu']}, {m['cores']} cores, {m['torch_isa']}, torch {m['torch']}, threads {m['torch_threads']}" + (f", {m['cuda']}" if m["cuda"] else "")
+    return f"{m['cpu']}, {m['cores']} cores, {m['torch_isa']} (int8: {m['int8_isa'] or 'none'}), torch {m['torch']}, threads {m['torch_threads']}" + (f", {m['cuda']}" if m["cuda"] else "")
 
 
 def table(rows: list[tuple], header: tuple) -> str:

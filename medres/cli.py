@@ -219,11 +219,12 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Output table."),
     fmt: Literal["csv", "jsonl", "parquet"] = typer.Option("csv", "--format", help="csv, jsonl or parquet."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads or processes (default: cores - 1, at most 4; 0 decodes in the scoring thread)."),
+    decode_pool: Literal["thread", "process"] = typer.Option("thread", "--decode-pool", help="Decode in threads of this process (default; measured faster) or in worker processes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32."),
+    precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32, or int8 (CPU, ONNX Runtime: the CHECKPOINT.int8.onnx that medres export --quantize int8 writes beside it, or --onnx)."),
     backend: Literal["torch", "onnx"] = typer.Option("torch", "--backend", help="torch or onnx (needs --onnx)."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model for --backend onnx."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model for --backend onnx or --precision int8."),
     tta: bool = typer.Option(False, "--tta", help="Average mild affine variants."),
     expect: List[str] = typer.Option([], "--expect", help="Header expectation KEY=V1,V2 (modality, body_part, view; repeatable; KEY=* switches one off). Default: what the training images had (medres inspect CHECKPOINT)."),
     gate: Literal["flag", "reject", "off"] = typer.Option("flag", "--gate", help="OOD gate: flag (score everything, in_distribution 0/1), reject (status rejected, no probabilities) or off."),
@@ -250,7 +251,7 @@ def predict(
         from medres.files import atomic_write
         from medres.speed import stage_benchmark
 
-        res = _run(lambda: stage_benchmark(checkpoint, list(inputs), files=benchmark_files, batch_size=batch_size, workers=workers, device=device, precision=precision, gate=gate))
+        res = _run(lambda: stage_benchmark(checkpoint, list(inputs), files=benchmark_files, batch_size=batch_size, workers=workers, device=device, precision=precision, gate=gate, backend=backend, onnx_path=onnx))
         m = res["machine"]
         typer.echo(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_isa']}, {m['torch_threads']} threads){', ' + m['cuda'] if m['cuda'] else ''}")
         typer.echo(f"start-up (checkpoint load): {res['startup_seconds']:.2f} s; {res['files']} files, {res['decoded_ok']} decoded")
@@ -270,7 +271,7 @@ def predict(
                 done[0] += n
                 tick(advance=n, images_per_s=done[0] / max(time.perf_counter() - started, 1e-9))
 
-            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, expect=list(expect), gate=gate, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n))
+            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, decode_pool=decode_pool, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, expect=list(expect), gate=gate, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n))
 
     result = _run(go)
     rate = (result.scored + result.failed) / max(result.seconds, 1e-9)
@@ -285,16 +286,24 @@ def predict(
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
     fmt: Literal["onnx", "monai-bundle"] = typer.Option("onnx", "--format", help="onnx (a model file) or monai-bundle (a folder for MONAI Deploy / MONAI Label)."),
-    out: Path = typer.Option(..., "--out", help="Output model file (onnx) or folder (monai-bundle)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output model file (onnx) or folder (monai-bundle). Default with --quantize int8: CHECKPOINT.int8.onnx beside the checkpoint (where predict --precision int8 looks)."),
+    quantize: Optional[Literal["int8"]] = typer.Option(None, "--quantize", help="int8: static quantization (ONNX Runtime QDQ) calibrated on validation images."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration images for --quantize: folder, file or manifest CSV (default: the validation split of the checkpoint's run)."),
+    calibration_count: int = typer.Option(200, "--calibration-count", min=1, help="How many calibration images (spread evenly over the source)."),
 ) -> None:
-    """Export for deployment with a parity check (max |Δprob| ≤ 1e-4 vs torch fp32).
+    """Export for deployment with a parity check (fp32: max |Δprob| ≤ 1e-4 vs torch; int8: reported, ≤ 0.1 on the calibration images).
 
     Example: medres export --checkpoint runs/covid/model.safetensors --format onnx --out model.onnx
+    Example: medres export --checkpoint runs/covid/model.safetensors --format onnx --quantize int8
     Example: medres export --checkpoint runs/covid/model.safetensors --format monai-bundle --out covid_bundle
     """
     from medres.export import export as run_export
 
-    result = _run(lambda: run_export(checkpoint, out, fmt=fmt))
+    result = _run(lambda: run_export(checkpoint, out, fmt=fmt, quantize=quantize, calibration=calibration, calibration_count=calibration_count))
+    if result.get("precision") == "int8":
+        cal = result["calibration"]
+        typer.echo(f"wrote {result['out']} (int8; calibrated on {cal['count']} images from {cal['source']}; max |Δprob| vs fp32 {result['max_abs_prob_diff']:.3f}, mean {result['mean_abs_prob_diff']:.4f})")
+        return
     opset = f"opset {result['opset']}, " if result.get("opset") else ""
     typer.echo(f"wrote {result['out']} ({opset}parity max |Δprob| {result['max_abs_prob_diff']:.2e})")
 

@@ -160,6 +160,12 @@ class NonFiniteLoss(TrainingError):
     code = "NON_FINITE_LOSS"
 
 
+class Int8Unsupported(UsageError):
+    """`--precision int8` on a CPU whose instructions would make int8 slower than fp32."""
+
+    code = "INT8_UNSUPPORTED"
+
+
 class ExportParityError(MedresError):
     code = "EXPORT_PARITY"
     exit_code = 1

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,25 +17,15 @@ PARITY_TOLERANCE = 1e-4
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, samples: np.ndarray | None = None) -> dict:
-    """Export (input: normalised (B, C, S, S) float32, output: logits) and check parity:
+    """Export (input: normalised (B, C, S, S) float32; outputs: logits, pooled features) and check parity:
     max |Δprob| between ONNX Runtime and torch fp32 must be ≤ 1e-4."""
-    import onnx
+    from medres.quantize import write_onnx
 
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
     model = model.float().eval()
-    size = int(meta.preprocess["image_size"])
-    example = torch.zeros(2, meta.in_channels, size, size)
     with atomic_path(out) as tmp:
-        torch.onnx.export(
-            model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
-        )
-        proto = onnx.load(str(tmp))
-        for key, value in {"medres": json.dumps(asdict(meta)), "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std", "output": "logits; apply softmax (multiclass) or sigmoid (multilabel) after dividing by temperature"}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
+        write_onnx(model, meta, tmp, opset=opset)
         parity = check_parity(model, meta, str(tmp), samples)
         if parity > PARITY_TOLERANCE:
             raise ExportParityError(f"ONNX parity check failed: max |Δprob| = {parity:.2e} > {PARITY_TOLERANCE:g}")
@@ -59,7 +47,16 @@ def check_parity(model, meta, onnx_path: str, samples: np.ndarray | None = None)
     return float(np.abs(ref - got).max())
 
 
-def export(checkpoint: str | Path, out: str | Path, *, fmt: str = "onnx") -> dict:
+def export(checkpoint: str | Path, out: str | Path | None, *, fmt: str = "onnx", quantize: str | None = None, calibration: str | Path | None = None,
+           calibration_count: int = 200) -> dict:
+    if quantize is not None:
+        from medres.quantize import default_int8_path, export_int8
+
+        if fmt != "onnx" or quantize != "int8":
+            raise UsageError(f"--quantize {quantize} --format {fmt}: only --format onnx --quantize int8 is supported")
+        return export_int8(checkpoint, out or default_int8_path(checkpoint), calibration=calibration, count=calibration_count)
+    if out is None:
+        raise UsageError("--out is required (a model file for onnx, a folder for monai-bundle)")
     if fmt == "monai-bundle":
         from medres.bundle import export_bundle
 

@@ -33,7 +33,6 @@ from medres.io.record import clean_code_string
 # film's laterality is not a property of the task).
 GATED = {"modality": UnexpectedModality.code, "body_part": UnexpectedBodyPart.code, "view": UnexpectedView.code}
 OOD_CODE = OutOfDistribution.code
-HEADER_COLUMNS = ("source_format", "modality", "body_part", "view", "laterality")
 OOD_PREFIX = "ood."
 # Computed and digital radiography: the same projection image from two detector technologies.
 PROJECTION_RADIOGRAPHY = {"CR", "DX"}  # checkpoint tensors of the detector, beside the model's own

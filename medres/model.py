@@ -103,11 +103,23 @@ class ResNet50(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.layer4(x)  # (B, 2048, H/32, W/32)
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 2048, h, w) feature maps → (B, 2048) pooled features (the OOD gate's input)."""
+        return torch.flatten(self.avgpool(features), 1)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(pooled))
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(torch.flatten(self.avgpool(features), 1)))
+        return self.classify(self.pooled(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled features) of one pass; the graph `medres export` writes to ONNX."""
+        pooled = self.pooled(self.forward_features(x))
+        return self.classify(pooled), pooled
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith(CLASSIFIER + ".")]

@@ -1,7 +1,8 @@
 """Batch scoring: files, folders (recursive, found by content) or a manifest → one row per file.
 
-Decoding runs in worker processes (`Pool.imap`, ordered, prefetching) while the main process runs
-the model in batches with bf16 autocast + channels_last. Finished rows are appended to a journal
+Decoding runs in a pool of threads (or processes, `--decode-pool`), ordered and prefetching, while
+the main thread runs the model in batches: torch (bf16 autocast where the CPU has it, channels_last)
+or ONNX Runtime (`--backend onnx`, `--precision int8`: quantize.py). Finished rows are appended to a journal
 (`.{out}.partial`, fsync'd every `flush_every` seconds, so each flush costs only the new rows); at the
 end it is renamed into place, so the output appears atomically. A killed run leaves the journal and
 `--resume` continues it. Bad files become error rows with a stable code; the batch goes on.
@@ -11,6 +12,7 @@ Under `torchrun`, every rank scores its hash share and rank 0 joins the shares i
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -24,11 +26,12 @@ import torch
 
 from medres import conformal
 from medres.errors import NoInputs, OutputExists, UsageError
-from medres.gate import HEADER_COLUMNS, OOD_CODE, ood_refusal
+from medres.gate import OOD_CODE, ood_refusal
+from medres.io.record import HEADER_COLUMNS
 from medres.files import atomic_path, csv_text
 from medres.metrics import predict_labels
 from medres.scoring import (  # noqa: F401 — discover/shard/tta_views are part of predict's API too
-    InputFile, OnnxBackend, ScoredBatch, default_workers, discover, parse_shard, scored_batches, shard, shard_of, tta_views,
+    InputFile, ScoredBatch, default_workers, discover, scorer_for, parse_shard, scored_batches, shard, shard_of, tta_views,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ def columns(meta) -> list[str]:
     return cols + ["ood_score", "in_distribution"]
 
 
-def gate_of(checkpoint, meta, *, expect: list[str] | None, gate: str, backend: str = "torch") -> tuple[dict, object]:
+def gate_of(checkpoint, meta, *, expect: list[str] | None, gate: str, scorer=None) -> tuple[dict, object]:
     """The header expectations (checkpoint defaults + --expect) and the OOD detector (`gate.OodDetector`,
     or None) that `--gate` asks for."""
     from medres.calibration import load_detector
@@ -55,9 +58,11 @@ def gate_of(checkpoint, meta, *, expect: list[str] | None, gate: str, backend: s
     detector = load_detector(checkpoint, meta) if gate != "off" else None
     if gate == "reject" and detector is None:
         raise UsageError(f"--gate reject: {Path(checkpoint).name} has no OOD detector (trained before the gate existed); run medres calibrate on its run first")
-    if gate != "off" and detector is not None and backend != "torch":
-        log.warning("--backend %s does not return features: ood_score is left empty (use the torch backend for the OOD gate)", backend)
+    if detector is not None and "features" not in getattr(scorer, "outputs", ["features"]):
+        log.warning("this ONNX file has no features output (exported by an older medres): ood_score is left empty; export it again for the OOD gate")
         detector = None
+    if detector is not None and getattr(scorer, "ood_threshold", None) is not None:
+        detector = dataclasses.replace(detector, threshold=scorer.ood_threshold)  # int8: refitted on its own features
     return expectations, detector
 
 
@@ -221,6 +226,7 @@ def predict(
     fmt: str = "csv",
     batch_size: int = 32,
     workers: int | None = None,
+    decode_pool: str = "thread",
     device: str = "auto",
     precision: str = "auto",
     backend: str = "torch",
@@ -240,14 +246,11 @@ def predict(
     """Score every input file; see the module docstring. Returns counts; raises only for usage or
     checkpoint problems (nothing scored). Under torchrun each rank scores its share and rank 0 joins
     the shares into `out`."""
-    from medres.inference import Predictor
     from medres.model import load_checkpoint
 
     out = Path(out)
     if fmt not in ("csv", "jsonl", "parquet"):
         raise UsageError(f"--format must be csv, jsonl or parquet, got {fmt!r}")
-    if backend == "onnx" and onnx_path is None:
-        raise UsageError("--backend onnx needs --onnx MODEL.onnx (from medres export)")
     ranks = torchrun_rank()
     if ranks and shard_spec:
         raise UsageError("--shard and torchrun both split the inputs: use one of them")
@@ -263,9 +266,8 @@ def predict(
     if ranks and device == "auto" and torch.cuda.is_available():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     model, meta = load_checkpoint(checkpoint)
-    scorer = Predictor.create(model, meta, device=device, precision=precision)
-    onnx = OnnxBackend(onnx_path, meta) if backend == "onnx" else None
-    expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate, backend=backend)
+    scorer = scorer_for(checkpoint, model, meta, device=device, precision=precision, backend=backend, onnx_path=onnx_path)
+    expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate, scorer=scorer)
     journal = Journal(out, columns(meta), fmt, name=f".{out.name}.part-{ranks[0]}-of-{ranks[1]}" if ranks else None)
     if journal.path.exists() and not (resume or overwrite):  # a killed run's rows: never dropped silently
         raise OutputExists(f"{journal.path} holds the rows of an interrupted run; pass --resume to continue it or --overwrite to start over")
@@ -280,9 +282,9 @@ def predict(
         workers = default_workers()
     t0 = time.perf_counter()
     try:
-        _score_files(todo, scorer, onnx, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
+        _score_files(todo, scorer, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
                      batch_size=batch_size, tta=tta, fail_fast=fail_fast, flush_every=flush_every, on_progress=on_progress,
-                     expect=expectations, detector=detector, gate=gate)
+                     expect=expectations, detector=detector, gate=gate, pool=decode_pool)
     finally:
         journal.close()  # a crash keeps every finished row in the journal for --resume
     if ranks:
@@ -295,8 +297,8 @@ def predict(
     return result
 
 
-def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool,
-                 fail_fast: bool, flush_every: float, on_progress, expect: dict, detector, gate: str) -> None:
+def _score_files(todo: list[InputFile], scorer, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool,
+                 fail_fast: bool, flush_every: float, on_progress, expect: dict, detector, gate: str, pool: str = "thread") -> None:
     """The scoring path's batches → journal rows, in input order (so a fresh run's journal already
     is the final table), fsync'd every `flush_every` seconds."""
     last_sync = time.perf_counter()
@@ -307,7 +309,7 @@ def _score_files(todo: list[InputFile], scorer, onnx, meta, journal: Journal, re
         log.warning(d.message)
 
     for batch in scored_batches(todo, scorer, batch_size=batch_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
-                                tta=tta, onnx=onnx, detector=detector, expect=expect, fail_fast=fail_fast, on_error=failed):
+                                tta=tta, detector=detector, expect=expect, fail_fast=fail_fast, on_error=failed, pool=pool):
         rows = rows_of(batch, meta, gate=gate, threshold=detector.threshold if detector else None)
         journal.append(rows)
         for r in rows:

@@ -2,8 +2,8 @@
 
 - `discover` expands files, folders and manifest CSVs into `InputFile`s in a stable order; `shard`
   splits them between machines or torchrun ranks by a hash of the row key.
-- `scored_batches` decodes in worker processes (`Pool.imap`: ordered, prefetching) while the caller's
-  process runs the model, and yields `ScoredBatch`es in input order: every file of the batch (bad ones
+- `scored_batches` decodes in a pool of threads (or processes: `pool`), ordered and prefetching a
+  bounded window, while the caller's thread runs the model, and yields `ScoredBatch`es in input order: every file of the batch (bad ones
   with their error code) plus the probabilities of the good ones (calibrated; averaged over TTA views
   when asked). Reports ask for a display-size copy of the original too (`display_max`), so no file
   is decoded twice.
@@ -130,6 +130,10 @@ class Decoded:
 
 
 _WORKER: dict = {}
+# Threads by default: on 2 cores they matched or beat processes for JPEG, PNG and DICOM folders and
+# were 1.15–1.35× faster end to end with the int8 model (no pickling of decoded pixels between
+# processes, no fork of the model's memory); docs/benchmarks.md "decoding pool".
+DECODE_POOL = "thread"
 
 
 def _init_worker(spec: PreprocessSpec, cache_dir: str | None, display_max: int | None, expect: dict | None = None, in_process: bool = False) -> None:
@@ -161,8 +165,10 @@ def _decode_many(items: list[InputFile]) -> list[Decoded]:
 
 
 def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: str | None = None, workers: int = 0, display_max: int | None = None,
-                   expect: dict | None = None, chunk: int = 4) -> Iterator[Decoded]:
-    """Every file decoded, in input order; `workers` > 0 decode in that many processes.
+                   expect: dict | None = None, chunk: int = 4, pool: str = DECODE_POOL) -> Iterator[Decoded]:
+    """Every file decoded, in input order; `workers` > 0 decode in that many processes (`pool`
+    "process") or threads of this process ("thread": PIL, pydicom's codecs and numpy release the GIL
+    for most of their work; see docs/benchmarks.md for which wins where).
 
     At most 4 chunks per worker are in flight: when the model is slower than decoding, decoded images
     wait in a bounded window instead of piling up (`Pool.imap` queues every file and buffers every
@@ -171,38 +177,64 @@ def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: s
         _init_worker(spec, cache_dir, display_max, expect, in_process=True)
         yield from map(_decode, files)
         return
-    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
+    if pool not in ("process", "thread"):
+        raise UsageError(f"decoding pool must be process or thread, got {pool!r}")
     chunks = (files[i : i + chunk] for i in range(0, len(files), chunk))
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, cache_dir, display_max, expect)) as pool:
-        window = deque(pool.apply_async(_decode_many, (c,)) for c in islice(chunks, 4 * workers))
-        while window:
-            done = window.popleft().get()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                window.append(pool.apply_async(_decode_many, (nxt,)))
-            yield from done
+    if pool == "thread":
+        from concurrent.futures import ThreadPoolExecutor
+
+        _init_worker(spec, cache_dir, display_max, expect, in_process=True)
+        with ThreadPoolExecutor(workers, thread_name_prefix="medres-decode") as ex:
+            yield from _windowed(lambda c: ex.submit(_decode_many, c).result, chunks, 4 * workers)
+        return
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, cache_dir, display_max, expect)) as procs:
+        yield from _windowed(lambda c: procs.apply_async(_decode_many, (c,)).get, chunks, 4 * workers)
+
+
+def _windowed(submit: Callable, chunks: Iterator[list[InputFile]], depth: int) -> Iterator[Decoded]:
+    """Results of `submit(chunk)` (a callable that waits for the chunk's result) in order, with at
+    most `depth` chunks in flight."""
+    window = deque(submit(c) for c in islice(chunks, depth))
+    while window:
+        done = window.popleft()()
+        nxt = next(chunks, None)
+        if nxt is not None:
+            window.append(submit(nxt))
+        yield from done
 
 
 def default_workers() -> int:
-    """Decoding processes: the cores left after inference, at least 1, at most 4."""
+    """Decoding threads (or processes): the cores left after inference, at least 1, at most 4."""
     import os
 
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 # --- scoring backends ------------------------------------------------------------------------------
-class OnnxBackend:
-    def __init__(self, path: str | Path, meta):
-        import onnxruntime as ort
+def scorer_for(checkpoint, model, meta, *, device: str = "auto", precision: str = "auto", backend: str = "torch", onnx_path=None):
+    """The model that scores a batch: torch (`Predictor`, fp32/bf16/fp16), or ONNX Runtime
+    (`OnnxPredictor`) for `--backend onnx` and for `--precision int8` (the quantized file beside the
+    checkpoint unless `onnx_path` names one). Both give logits and the gate's features in one pass."""
+    from medres.inference import OnnxPredictor, Predictor
 
-        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-        self.meta = meta
+    if precision != "int8" and backend != "onnx":
+        return Predictor.create(model, meta, device=device, precision=precision)
+    from medres.quantize import check_onnx_matches, default_int8_path, require_int8_cpu
 
-    def logits(self, pixels: torch.Tensor) -> np.ndarray:
-        from medres.inference import normalise
-
-        x = normalise(pixels.float(), self.meta.mean, self.meta.std, self.meta.in_channels).numpy()
-        return self.session.run(None, {self.session.get_inputs()[0].name: x})[0]
+    if precision == "int8":
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"--precision int8 runs on the CPU (ONNX Runtime); --device {device} asks for another device")
+        require_int8_cpu()
+        path = Path(onnx_path) if onnx_path else default_int8_path(checkpoint)
+        if not path.exists():
+            raise UsageError(f"--precision int8: {path} not found; make it with: medres export --checkpoint {checkpoint} --format onnx --quantize int8 --out {path}")
+    elif onnx_path is None:
+        raise UsageError("--backend onnx needs --onnx MODEL.onnx (from medres export)")
+    else:
+        path = Path(onnx_path)
+    props = check_onnx_matches(path, model, want_int8=precision == "int8")
+    return OnnxPredictor(path, meta, precision=props.get("medres.precision", "fp32"))
 
 
 TTA_VARIANTS = ((1.0, 0.0, 0.0, 0.0), (1.04, 0.0, 0.0, 0.0), (1.0, 3.0, 0.0, 0.0), (1.0, -3.0, 0.0, 0.0), (1.0, 0.0, 0.02, 0.02))
@@ -248,13 +280,13 @@ def scored_batches(
     cache_dir: str | None = None,
     display_max: int | None = None,
     tta: bool = False,
-    onnx: "OnnxBackend | None" = None,
     detector: OodDetector | None = None,
     expect: dict | None = None,
     fail_fast: bool = False,
     on_error: Callable[[Decoded], None] | None = None,
+    pool: str = DECODE_POOL,
 ) -> Iterator[ScoredBatch]:
-    """Decode `files` and score them with `scorer` (a `Predictor`) in batches of `batch_size` good
+    """Decode `files` and score them with `scorer` (`scorer_for`: torch or ONNX Runtime) in batches of `batch_size` good
     images (a run of bad files also closes a batch at 4 × batch_size). With `fail_fast`, stops after
     the batch holding the first bad file. `expect`: header expectations (rejected files are not
     scored); `detector`: OOD scores from the same forward pass (the original view's features)."""
@@ -268,9 +300,7 @@ def scored_batches(
         if good:
             batch.x = torch.from_numpy(np.stack([d.pixels for d in good]))
             views = tta_views(batch.x) if tta else [batch.x]
-            if onnx is not None:
-                logits = [onnx.logits(v) for v in views]
-            elif detector is not None:
+            if detector is not None:
                 first, features = scorer.logits_and_features(views[0])
                 logits = [first] + [scorer.logits(v) for v in views[1:]]
                 batch.ood = detector.score(features)
@@ -279,7 +309,7 @@ def scored_batches(
             batch.probs = np.mean([scorer.probs(z) for z in logits], axis=0)
         return batch
 
-    for d in decoded_stream(files, spec=spec, cache_dir=cache_dir, workers=workers, display_max=display_max, expect=expect):
+    for d in decoded_stream(files, spec=spec, cache_dir=cache_dir, workers=workers, display_max=display_max, expect=expect, pool=pool):
         pending.append(d)
         if not d.ok and not d.rejected:
             if on_error:

@@ -159,6 +159,39 @@ def test_onnx_export_parity_and_backend(trained_run, phantoms, tmp_path):
     a, b = pd.read_csv(tmp_path / "t.csv"), pd.read_csv(tmp_path / "o.csv")
     cols = [c for c in a.columns if c.startswith("prob_")]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() <= 1e-4
+    # The exported graph also returns the pooled features, so the OOD gate works on ONNX Runtime too.
+    assert b["ood_score"].notna().all()
+    np.testing.assert_allclose(b["ood_score"], a["ood_score"], rtol=1e-3)
+
+
+def test_decoding_pools_give_the_same_table(trained_run, mixed, tmp_path, monkeypatch):
+    """Threads (the default), processes and in-line decoding: the same rows, in the same order, bad
+    files included; the thread pool really decodes off the scoring thread, the default asks for it."""
+    import threading
+
+    from medres import scoring
+
+    ckpt = trained_run / "model.safetensors"
+    decoders: set[str] = set()
+    real = scoring._decode
+
+    def spy(item):
+        decoders.add(threading.current_thread().name)
+        return real(item)
+
+    tables = {}
+    for pool, workers in (("thread", 2), ("process", 2), ("thread", 0)):
+        with monkeypatch.context() as m:
+            m.setattr(scoring, "_decode", spy)
+            predict(ckpt, [mixed], tmp_path / f"{pool}{workers}.csv", workers=workers, decode_pool=pool, precision="fp32")
+        tables[pool, workers] = pd.read_csv(tmp_path / f"{pool}{workers}.csv", keep_default_na=False)
+    ref = tables["thread", 0]
+    assert (ref["status"] == "error").sum() >= 2 and (ref["status"] == "ok").sum() >= 3
+    for key, t in tables.items():
+        pd.testing.assert_frame_equal(t, ref, check_exact=False, atol=1e-6, obj=str(key))
+    assert any(n.startswith("medres-decode") for n in decoders)  # the thread pool ran _decode
+    r = runner.invoke(app, ["predict", "--help"])
+    assert "--decode-pool" in r.output and scoring.DECODE_POOL == "thread"
 
 
 def test_in_process_decoding_keeps_the_callers_threads(trained_run, mixed, tmp_path):

@@ -26,6 +26,9 @@ def clean_code_string(value) -> str | None:
 ResizeMode = Literal["letterbox", "crop", "stretch"]
 
 
+# The technical header columns of predict and report, in order (`Record.header()`).
+HEADER_COLUMNS = ("source_format", "modality", "body_part", "view", "laterality")
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """Everything that decides the model input for a file; stored in checkpoints, hashed for the cache."""
@@ -112,9 +115,10 @@ class Record:
         return asdict(self)
 
     def header(self) -> dict[str, str]:
-        """The technical header columns of predict/report and the input gate (empty for PNG/JPEG)."""
-        return {"source_format": self.format, "modality": self.modality or "", "body_part": self.body_part or "",
-                "view": self.view or "", "laterality": self.laterality or ""}
+        """The technical header columns of predict/report and the input gate (`HEADER_COLUMNS`; empty
+        strings for PNG/JPEG)."""
+        values = (self.format, self.modality, self.body_part, self.view, self.laterality)
+        return {k: v or "" for k, v in zip(HEADER_COLUMNS, values)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Record":
