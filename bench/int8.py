@@ -81,10 +81,9 @@ def main() -> None:
     d = np.abs(probs["int8"] - probs["fp32"])
     agree = float((probs["int8"].argmax(1) == probs["fp32"].argmax(1)).mean())
 
-    base = speeds.get("torch bf16", speeds["torch fp32"])
-    base_name = "torch bf16" if "torch bf16" in speeds else "torch fp32"
     print(f"\n{size}px; {machine()}\n")
-    print(table([(k, f"{v:.1f}", f"{v / speeds['torch fp32']:.2f}", f"{v / base:.2f}") for k, v in speeds.items()], ("model only (batch 32)", "images/s", "× torch fp32", f"× {base_name}")))
+    cols = ["torch fp32"] + (["torch bf16"] if "torch bf16" in speeds else [])
+    print(table([(k, f"{v:.1f}", *(f"{v / speeds[c]:.2f}" for c in cols)) for k, v in speeds.items()], ("model only (batch 32)", "images/s", *(f"× {c}" for c in cols))))
     print()
     print(table([(k, f"{e2e[k]:.1f}", f"{aur[k]:.4f}", f"{flags[k]:.3f}") for k in ("fp32", "int8")], ("medres predict, 1,179 cxr files", "images/s", "macro AUROC", "OOD flag rate")))
     print(f"\nint8 vs fp32: |Δ macro AUROC| {abs(aur['int8'] - aur['fp32']):.4f}; max |Δprob| {d.max():.4f}, mean {d.mean():.5f}; same top class {agree:.4f}")

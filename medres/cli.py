@@ -219,7 +219,7 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Output table."),
     fmt: Literal["csv", "jsonl", "parquet"] = typer.Option("csv", "--format", help="csv, jsonl or parquet."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads or processes (default: cores - 1, at most 4; 0 decodes in the scoring thread)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, 2 to 4) or processes (default: cores - 1, at most 4); 0 decodes in the scoring thread."),
     decode_pool: Literal["thread", "process"] = typer.Option("thread", "--decode-pool", help="Decode in threads of this process (default; measured faster) or in worker processes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
     precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32, or int8 (CPU, ONNX Runtime: the CHECKPOINT.int8.onnx that medres export --quantize int8 writes beside it, or --onnx)."),
@@ -324,7 +324,7 @@ def report(
     faithfulness: bool = typer.Option(False, "--faithfulness", help="Deletion/insertion AUC per case."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N files."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (default: cores - 1, at most 4)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, 2 to 4)."),
     expect: List[str] = typer.Option([], "--expect", help="Header expectation KEY=V1,V2 (as for predict)."),
     gate: Literal["flag", "reject", "off"] = typer.Option("flag", "--gate", help="OOD gate: flag (mark cases), reject (no heatmap or probabilities) or off."),
 ) -> None:

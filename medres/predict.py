@@ -279,7 +279,7 @@ def predict(
     if on_total:
         on_total(len(todo))
     if workers is None:
-        workers = default_workers()
+        workers = default_workers(decode_pool)
     t0 = time.perf_counter()
     try:
         _score_files(todo, scorer, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
