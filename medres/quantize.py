@@ -77,6 +77,13 @@ def require_int8_cpu(flags: set[str] | None = None) -> str:
     return isa
 
 
+def require_onnxruntime(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        raise UsageError(f"{what} needs ONNX Runtime: pip install 'medres[onnx]'")
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over the model's tensors (names, shapes, bytes): the same weights give the same digest
     whatever `medres calibrate` later changes in the checkpoint's metadata."""
@@ -124,9 +131,9 @@ def calibration_files(checkpoint: Path, source: str | Path | None, count: int) -
 
 def _calibration_pixels(files: list, meta: ModelMeta) -> tuple[np.ndarray, list[str]]:
     from medres.io import PreprocessSpec
-    from medres.scoring import decoded_stream
+    from medres.scoring import decoded_stream, default_workers
 
-    good = [d for d in decoded_stream(files, spec=PreprocessSpec.from_dict(meta.preprocess)) if d.ok]
+    good = [d for d in decoded_stream(files, spec=PreprocessSpec.from_dict(meta.preprocess), workers=default_workers()) if d.ok]
     if not good:
         raise UsageError("none of the calibration images could be decoded")
     return np.stack([d.pixels for d in good]), [d.file.shown for d in good]
@@ -167,6 +174,7 @@ def write_onnx(model: ResNet50, meta: ModelMeta, path: Path, *, opset: int = 17,
 
 def export_int8(checkpoint: str | Path, out: str | Path, *, calibration: str | Path | None = None, count: int = 200) -> dict:
     """Quantize a checkpoint to a static int8 ONNX model calibrated on `count` validation images."""
+    require_onnxruntime("--quantize int8")
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static

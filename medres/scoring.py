@@ -224,8 +224,9 @@ def scorer_for(checkpoint, model, meta, *, device: str = "auto", precision: str 
 
     if precision != "int8" and backend != "onnx":
         return Predictor.create(model, meta, device=device, precision=precision)
-    from medres.quantize import check_onnx_matches, default_int8_path, require_int8_cpu
+    from medres.quantize import check_onnx_matches, default_int8_path, require_int8_cpu, require_onnxruntime
 
+    require_onnxruntime("--precision int8" if precision == "int8" else "--backend onnx")
     if precision == "int8":
         if device not in ("auto", "cpu"):
             raise UsageError(f"--precision int8 runs on the CPU (ONNX Runtime); --device {device} asks for another device")

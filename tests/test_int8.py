@@ -117,3 +117,12 @@ def test_int8_refuses_missing_or_foreign_model(int8_run, phantoms, tmp_path, mon
     assert r.exit_code == 2 and "other weights" in r.output
     r = runner.invoke(app, ["predict", "--checkpoint", str(int8_run / "model.safetensors"), images, "--out", str(tmp_path / "p.csv"), "-q", "--precision", "int8", "--device", "cuda"])
     assert r.exit_code == 2 and "runs on the CPU" in r.output
+
+
+def test_missing_onnxruntime_is_a_clear_usage_error(trained_run, phantoms, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    r = runner.invoke(app, ["predict", "--checkpoint", str(trained_run / "model.safetensors"), str(phantoms.parent / "images"), "--out", str(tmp_path / "p.csv"), "-q", "--precision", "int8"])
+    assert r.exit_code == 2 and "pip install 'medres[onnx]'" in r.output
