@@ -10,6 +10,7 @@ class logit per unit area — so that they can be compared across images; scalin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ class CamResult:
     maps: torch.Tensor  # (B, K, h, w) raw, non-negative; K target slots
     targets: torch.Tensor  # (B, K) class index per slot, -1 where unused
     logits: torch.Tensor  # (B, C)
+    features: torch.Tensor | None = None  # (B, 2048) pooled features of the same pass (the OOD gate's input)
 
 
 SCORES = ("logit", "log_odds", "log_softmax")
@@ -66,7 +68,7 @@ def _weights(acts: torch.Tensor, grads: torch.Tensor, method: str) -> torch.Tens
 def compute_cam(
     model: nn.Module,
     x: torch.Tensor,
-    targets: torch.Tensor,
+    targets: "torch.Tensor | Callable[[torch.Tensor], torch.Tensor]",
     *,
     layer: str = CAM_LAYER,
     method: str = "gradcam",
@@ -82,7 +84,10 @@ def compute_cam(
     unlike "log_softmax" (log p_c, whose gradient is scaled by 1 - p_c), it does not vanish for
     confident predictions — with log p_c a case predicted at 0.999 gets a map ~1000× colder than one
     at 0.5, the opposite of what a shared scale should show.
-    `autocast_dtype` (e.g. torch.bfloat16) runs the forward pass under autocast; maps are float32."""
+    `autocast_dtype` (e.g. torch.bfloat16) runs the forward pass under autocast; maps are float32.
+    `targets` may be a function of the pass's logits (`report` chooses the explained classes from the
+    probabilities of this same pass, so scoring and explaining need one forward pass, not two). The
+    pooled features of the pass come back too when the model has an `avgpool`."""
     from medres.inference import autocast
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
@@ -96,8 +101,13 @@ def compute_cam(
         store["acts"] = out
         return out
 
+    def keep_pooled(_m, _inp, out):
+        store["pooled"] = out.detach()
+
     flags = [p.requires_grad for p in model.parameters()]
     handle = module.register_forward_hook(hook)
+    pool = getattr(model, "avgpool", None)
+    pool_handle = pool.register_forward_hook(keep_pooled) if isinstance(pool, nn.Module) else None
     was_training = model.training
     try:
         for p in model.parameters():
@@ -106,6 +116,8 @@ def compute_cam(
         with torch.enable_grad():
             with autocast(x.device, autocast_dtype):
                 logits = model(x).float()
+            if callable(targets):
+                targets = targets(logits.detach())
             acts = store["acts"]
             maps = []
             for k in range(targets.shape[1]):
@@ -120,9 +132,12 @@ def compute_cam(
                 w = _weights(a, g, method)
                 cam = F.relu((w[:, :, None, None] * a).sum(1))
                 maps.append(cam * used.view(-1, 1, 1).to(cam.dtype))
-        return CamResult(torch.stack(maps, 1).detach(), targets, logits.detach())
+        pooled = store.get("pooled")
+        return CamResult(torch.stack(maps, 1).detach(), targets, logits.detach(), None if pooled is None else torch.flatten(pooled, 1).float())
     finally:
         handle.remove()
+        if pool_handle is not None:
+            pool_handle.remove()
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
         model.train(was_training)

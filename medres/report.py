@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from medres import conformal
-from medres.cam import compute_cam, find_layer, occlusion_maps, upsample
+from medres.cam import CamResult, compute_cam, find_layer, occlusion_maps, upsample
 from medres.errors import NoInputs, UsageError
 from medres.gate import ood_refusal
 from medres.files import atomic_path, atomic_write
@@ -32,6 +32,7 @@ from medres.scoring import ScoredBatch, default_workers, discover, scored_batche
 
 log = logging.getLogger(__name__)
 DISPLAY_MAX = 1024
+PNG_LEVEL = 1
 ALL_MAPS_UP_TO = 8  # classes: up to this many, the case page offers a map for every class
 RUO = "Research use only — not for diagnosis."
 
@@ -80,9 +81,10 @@ def overlay(grey: np.ndarray, heat: np.ndarray, cmap: np.ndarray, alpha_max: flo
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
-    # No text chunks: PNGs carry pixels only.
+    """No text chunks: PNGs carry pixels only. zlib level 1: PNG encoding was 41% of a report's time at
+    the default level 6; level 1 encodes 2.5–4× faster for 15–65% more bytes (docs/benchmarks.md)."""
     with atomic_path(path, durable=False) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+        Image.fromarray(arr).save(tmp, format="PNG", compress_level=PNG_LEVEL)
 
 
 def _faithfulness(predictor: Predictor, pixels: np.ndarray, heat: np.ndarray, cls: int, steps: int = 16) -> tuple[float, float]:
@@ -202,7 +204,9 @@ def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path
     cells = None
     in_order = iter(cases)  # batches keep input order; keys may repeat across input folders
     members = None
-    for batch in scored_batches(files, predictor, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX, expect=opts.expect, detector=opts.detector):
+    scorer = predictor if opts.method == "occlusion" else _ExplainingScorer(predictor, opts)
+    for batch in scored_batches(files, scorer, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX, expect=opts.expect, detector=opts.detector):
+        cam = getattr(scorer, "last", None)
         good, kept = [], []
         if predictor.meta.conformal and len(batch.good):
             members = conformal.sets(batch.probs, predictor.meta.conformal, predictor.meta.task)
@@ -234,38 +238,83 @@ def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path
         if good:
             if len(kept) < len(batch.probs):  # --gate reject took some out: explain only the rest
                 batch = ScoredBatch([], batch.x[kept], batch.probs[kept])
-            cells = _explain(batch, good, predictor, opts)
+                cam = cam and CamResult(cam.maps[kept], cam.targets[kept], cam.logits[kept])
+            cells = _explain(batch, good, predictor, opts, cam)
     return cells
 
 
-def _explain(batch, chunk: list[Case], predictor: Predictor, opts: _Options) -> tuple[int, int]:
-    """Targets (prediction, positives, or --class), then one CAM pass for the batch."""
+def _targets(probs: np.ndarray, meta, opts: _Options) -> tuple[list[list[int]], list[int]]:
+    """Per case, the classes to map — the explained ones first (prediction, positives, or --class),
+    then every other class for the case page's map buttons — and how many are explained."""
+    labels = predict_labels(probs, meta.task, meta.effective_thresholds())
+    targets, explained = [], []
+    for p, lab in zip(probs, labels):
+        if opts.target_class is not None:
+            t = [meta.classes.index(opts.target_class)]
+        elif meta.task == "multiclass":
+            t = [int(lab)]
+        else:
+            t = [j for j, v in enumerate(lab) if v] or [int(np.argmax(p))]
+        explained.append(len(t))
+        if opts.method != "occlusion" and len(meta.classes) <= ALL_MAPS_UP_TO:
+            t += [j for j in np.argsort(-p, kind="stable").tolist() if j not in t]
+        targets.append(t)
+    return targets, explained
+
+
+def _padded(targets: list[list[int]]) -> torch.Tensor:
+    k = max(len(t) for t in targets)
+    return torch.tensor([t + [-1] * (k - len(t)) for t in targets])
+
+
+def _cam_score(meta) -> str:
+    return "log_odds" if meta.task == "multiclass" else "logit"
+
+
+class _ExplainingScorer:
+    """The scorer `report` hands the scoring path: one forward pass gives the probabilities, the OOD
+    gate's features and the Grad-CAM maps (the explained classes chosen from that pass's own
+    probabilities), where scoring and then explaining took two passes. `last` is the batch's CAM."""
+
+    def __init__(self, predictor: Predictor, opts: _Options):
+        self.predictor, self.opts, self.meta = predictor, opts, predictor.meta
+        self.last = None
+
+    def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        return self.predictor.probs(logits, calibrated)
+
+    def _run(self, pixels: torch.Tensor):
+        choose = lambda logits: _padded(_targets(self.probs(logits.cpu().numpy()), self.meta, self.opts)[0])  # noqa: E731
+        p = self.predictor
+        self.last = compute_cam(p.model, p.prepare(pixels), choose, layer=self.opts.layer, method=self.opts.method, score=_cam_score(self.meta), autocast_dtype=p.dtype)
+        return self.last
+
+    def logits(self, pixels: torch.Tensor) -> np.ndarray:
+        return self._run(pixels).logits.cpu().numpy()
+
+    def logits_and_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        res = self._run(pixels)
+        return res.logits.cpu().numpy(), res.features.cpu().numpy()
+
+
+def _explain(batch, chunk: list[Case], predictor: Predictor, opts: _Options, cam=None) -> tuple[int, int]:
+    """Targets (prediction, positives, or --class) and their maps: from `cam` (the scoring pass's own
+    CAM, rows matching `chunk`) or, for occlusion, one occlusion pass for the batch."""
     meta = predictor.meta
     thresholds = meta.effective_thresholds()
     labels = predict_labels(batch.probs, meta.task, thresholds)
-    for case, p, lab in zip(chunk, batch.probs, labels):
+    targets, explained = _targets(batch.probs, meta, opts)
+    for case, p, lab, t, n in zip(chunk, batch.probs, labels, targets, explained):
         case.probs = [float(v) for v in p]
-        case.positive = [int(v >= t) for v, t in zip(p, thresholds)]
+        case.positive = [int(v >= th) for v, th in zip(p, thresholds)]
         case.predicted = [int(lab)] if meta.task == "multiclass" else [j for j, v in enumerate(lab) if v]
-        if opts.target_class is not None:
-            case.targets = [meta.classes.index(opts.target_class)]
-        elif meta.task == "multiclass":
-            case.targets = [int(lab)]
-        else:
-            case.targets = [j for j, v in enumerate(lab) if v] or [int(np.argmax(p))]
-        case.explained = len(case.targets)
-        if opts.method != "occlusion" and len(meta.classes) <= ALL_MAPS_UP_TO:  # one map per class for the case page
-            case.targets += [j for j in np.argsort(-p, kind="stable").tolist() if j not in case.targets]
-    k = max(len(c.targets) for c in chunk)
-    t = torch.tensor([c.targets + [-1] * (k - len(c.targets)) for c in chunk])
-    score = "log_odds" if meta.task == "multiclass" else "logit"
+        case.targets, case.explained = t, n
     if opts.method == "occlusion":
-        maps_t, cells = occlusion_maps(predictor.model, predictor.prepare(batch.x).float(), t, score=score)
+        maps_t, cells = occlusion_maps(predictor.model, predictor.prepare(batch.x).float(), _padded(targets), score=_cam_score(meta))
         maps = maps_t.numpy()
     else:
-        res = compute_cam(predictor.model, predictor.prepare(batch.x), t, layer=opts.layer, method=opts.method, score=score, autocast_dtype=predictor.dtype)
-        maps = upsample(res.maps, batch.x.shape[-1]).numpy()
-        cells = int(res.maps.shape[-2]), int(res.maps.shape[-1])
+        maps = upsample(cam.maps, batch.x.shape[-1]).numpy()
+        cells = int(cam.maps.shape[-2]), int(cam.maps.shape[-1])
     for i, case in enumerate(chunk):
         cams = maps[i, : len(case.targets)]
         if opts.weight_by_probability:

@@ -67,6 +67,47 @@ def test_pages_parse_and_links_resolve(built):
     assert "checkpoint sha256" in case and "Ingestion record" in case and "Research use only" in case
 
 
+def test_one_pass_scores_like_predict_and_maps_like_compute_cam(built, trained_run, inputs, tmp_path):
+    """report scores and explains in one forward pass: its probabilities and OOD scores equal predict's,
+    and its maps equal a separate compute_cam call on the same pixels with the same targets."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from medres.cam import compute_cam
+    from medres.inference import Predictor
+    from medres.io import PreprocessSpec, load_image
+    from medres.model import load_checkpoint
+    from medres.predict import predict
+
+    out, _ = built
+    data = json.loads(re.search(r'type="application/json"[^>]*>(.*?)</script>', (out / "index.html").read_text(), re.S).group(1))
+    rows = {r["file"]: r for r in data["rows"] if r["status"] == "ok"}
+    predict(trained_run / "model.safetensors", [inputs], tmp_path / "p.csv", workers=0)
+    table = pd.read_csv(tmp_path / "p.csv").set_index("path")
+    model, meta = load_checkpoint(trained_run / "model.safetensors")
+    assert len(rows) >= 4
+    for name, r in rows.items():
+        np.testing.assert_allclose(r["probs"], table.loc[name, [f"prob_{c}" for c in meta.classes]].to_numpy(float), atol=2e-6)
+        assert r["ood"] == pytest.approx(table.loc[name, "ood_score"], rel=1e-4)
+    # The map of the first case, recomputed on its own.
+    predictor = Predictor.create(model, meta)
+    name = sorted(rows)[0]
+    x = torch.from_numpy(load_image(str(inputs / name), PreprocessSpec.from_dict(meta.preprocess)).pixels)[None]
+    targets = torch.tensor([[r for r in rows[name]["pred"]] + [j for j in range(len(meta.classes)) if j not in rows[name]["pred"]]])
+    direct = compute_cam(model, predictor.prepare(x), targets, score="log_odds", autocast_dtype=predictor.dtype).maps[0, 0].numpy()
+    heat = np.asarray(Image.open(out / "cases" / f"{rows[name]['name']}_heat_{targets[0, 0].item()}.png"))
+    assert heat.shape[-1] == 4 and direct.max() > 0  # the written layer exists; the numbers are checked below
+    from medres import report as report_mod
+
+    scorer = report_mod._ExplainingScorer(predictor, report_mod._Options("gradcam", "layer4", None, "shared", False, False, False, False))
+    logits, feats = scorer.logits_and_features(x)
+    np.testing.assert_allclose(scorer.last.maps[0, 0].numpy(), direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, predictor.logits(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats, predictor.logits_and_features(x)[1], rtol=1e-5, atol=1e-5)
+
+
 def test_overlay_keeps_native_aspect_ratio(built, inputs):
     out, _ = built
     names = sorted(p.name for p in inputs.iterdir())
