@@ -33,6 +33,25 @@ def rate(fn, x: torch.Tensor, batch: int = 32, repeats: int = 2) -> float:
     return repeats * len(x) / (time.perf_counter() - t0)
 
 
+def grad_cam_agreement(model, meta, onnx, folder: Path, n: int = 64) -> dict:
+    """`report --precision int8` maps (ONNX Runtime layer4 maps + torch head) vs fp32 `compute_cam`
+    on the same real images and target (the fp32 prediction): Pearson r of the raw layer4 maps and
+    whether the hottest cell is the same."""
+    from medres.cam import cam_from_features, compute_cam
+    from medres.inference import Predictor
+    from medres.io import PreprocessSpec, load_image
+
+    spec = PreprocessSpec.from_dict(meta.preprocess)
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())[:: max(1, len(list(folder.rglob("*"))) // n)][:n]
+    x = torch.from_numpy(np.stack([load_image(str(p), spec).pixels for p in paths]))
+    pred = Predictor.create(model, meta, precision="fp32")
+    t = torch.from_numpy(pred.logits(x).argmax(1))[:, None]
+    ref = compute_cam(pred.model, pred.prepare(x), t, score="log_odds").maps[:, 0].flatten(1).numpy()
+    got = cam_from_features(pred.model, torch.from_numpy(onnx.maps(x)), t, score="log_odds").maps[:, 0].flatten(1).numpy()
+    r = np.array([np.corrcoef(a, b)[0, 1] if a.std() > 0 and b.std() > 0 else np.nan for a, b in zip(ref, got)])
+    return {"images": len(paths), "pearson_mean": float(np.nanmean(r)), "pearson_min": float(np.nanmin(r)), "same_peak": float((ref.argmax(1) == got.argmax(1)).mean())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -61,6 +80,7 @@ def main() -> None:
         speeds["onnxruntime fp32"] = rate(OnnxPredictor(tmp / "m.onnx", meta).logits, x)
         speeds["onnxruntime int8"] = rate(OnnxPredictor(tmp / "m.int8.onnx", meta, precision="int8").logits, x)
 
+        cam_agreement = grad_cam_agreement(model, meta, OnnxPredictor(tmp / "m.int8.onnx", meta, precision="int8"), need(SHARED / "cxr") / "images")
         folder = need(SHARED / "cxr") / "images"
         e2e, tables = {}, {}
         for prec, kw in (("fp32", {"precision": "fp32"}), ("int8", {"precision": "int8", "onnx_path": tmp / "m.int8.onnx"})):
@@ -87,9 +107,11 @@ def main() -> None:
     print()
     print(table([(k, f"{e2e[k]:.1f}", f"{aur[k]:.4f}", f"{flags[k]:.3f}") for k in ("fp32", "int8")], ("medres predict, 1,179 cxr files", "images/s", "macro AUROC", "OOD flag rate")))
     print(f"\nint8 vs fp32: |Δ macro AUROC| {abs(aur['int8'] - aur['fp32']):.4f}; max |Δprob| {d.max():.4f}, mean {d.mean():.5f}; same top class {agree:.4f}")
+    print(f"Grad-CAM (layer4, predicted class) int8 vs fp32 on {cam_agreement['images']} cxr images: mean Pearson r {cam_agreement['pearson_mean']:.3f} "
+          f"(min {cam_agreement['pearson_min']:.3f}); same peak cell {cam_agreement['same_peak']:.3f}")
     print(f"export --quantize int8: {export_s:.1f} s ({q['calibration']['count']} calibration images); max |Δprob| on them {q['max_abs_prob_diff']:.4f}")
     save("int8", {"machine": machine(), "image_size": size, "model_only": speeds, "end_to_end": e2e, "auroc": aur, "ood_flag_rate": flags,
-                  "max_abs_prob_diff": float(d.max()), "mean_abs_prob_diff": float(d.mean()), "top_class_agreement": agree, "export_seconds": export_s, "export": q})
+                  "max_abs_prob_diff": float(d.max()), "mean_abs_prob_diff": float(d.mean()), "top_class_agreement": agree, "export_seconds": export_s, "export": q, "grad_cam": cam_agreement})
 
 
 if __name__ == "__main__":

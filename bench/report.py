@@ -8,10 +8,42 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from _common import machine, save, table
+
+
+def int8_rate(model, args) -> float:
+    """report --precision int8's CAM step: layer4 maps from the int8 ONNX model, the head's gradient
+    in torch. The same random-weight model, quantized on 16 noise images (speed only)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from medres.cam import cam_from_features
+    from medres.inference import OnnxPredictor
+    from medres.model import ModelMeta, save_checkpoint
+    from medres.quantize import export_int8
+
+    tmp = Path(tempfile.mkdtemp(prefix="medres-bench-cam-int8-"))
+    meta = ModelMeta(classes=["a", "b", "c"], task="multiclass", preprocess={"image_size": args.size, "resize": "letterbox"}, mean=[0.5] * 3, std=[0.25] * 3)
+    save_checkpoint(tmp / "m.safetensors", model, meta)
+    (tmp / "cal").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (args.size, args.size), dtype=np.uint8)).save(tmp / "cal" / f"{i}.png")
+    export_int8(tmp / "m.safetensors", tmp / "m.int8.onnx", calibration=tmp / "cal", count=16)
+    onnx = OnnxPredictor(tmp / "m.int8.onnx", meta, precision="int8")
+    pixels = torch.rand(args.n, args.size, args.size)
+    targets = torch.randint(0, 3, (args.n, 1))
+    cam_from_features(model, torch.from_numpy(onnx.maps(pixels[:2])), targets[:2])
+    t0 = time.perf_counter()
+    for i in range(0, args.n, args.batch):
+        cam_from_features(model, torch.from_numpy(onnx.maps(pixels[i : i + args.batch])), targets[i : i + args.batch])
+    return args.n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -19,6 +51,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--int8", action="store_true", help="also time report's int8 path (quantizes the benchmark model first)")
     args = ap.parse_args()
     from monai.visualize import GradCAM
 
@@ -53,6 +86,7 @@ def main() -> None:
             cam(x[i : i + batch], class_idx=int(targets[i, 0]))
         return args.n / (time.perf_counter() - t0)
 
+    int8 = int8_rate(model, args) if args.int8 else None
     m32 = medres_rate(model, x, None)
     m = medres_rate(fast_model, fast_x, dtype)
     a = monai_rate(1)
@@ -60,9 +94,11 @@ def main() -> None:
     rows = [("MONAI GradCAM, one image at a time", f"{a:.2f}", "1.00"), (f"MONAI GradCAM, batch {args.batch} (one class per batch)", f"{b:.2f}", f"{b / a:.2f}"),
             (f"medres compute_cam, batch {args.batch}, fp32", f"{m32:.2f}", f"{m32 / a:.2f}"),
             (f"medres compute_cam, batch {args.batch}, {dtype or 'fp32'} + channels_last (what `medres report` runs)", f"{m:.2f}", f"{m / a:.2f}")]
+    if int8 is not None:
+        rows.append((f"medres int8: ONNX Runtime layer4 maps + torch head backward, batch {args.batch} (`report --precision int8`)", f"{int8:.2f}", f"{int8 / a:.2f}"))
     print(f"\nResNet50 {args.size}px, {args.n} images, layer4; {machine()}\n")
     print(table(rows, ("method", "heatmaps/s", "ratio to MONAI per-image")))
-    save("report", {"medres": m, "medres_fp32": m32, "monai_per_image": a, "monai_batched": b, "ratio_per_image": m / a, "ratio_batched": m / b, "machine": machine()})
+    save("report", {"medres_int8": int8, "medres": m, "medres_fp32": m32, "monai_per_image": a, "monai_batched": b, "ratio_per_image": m / a, "ratio_batched": m / b, "machine": machine()})
 
 
 if __name__ == "__main__":

@@ -118,22 +118,9 @@ def compute_cam(
                 logits = model(x).float()
             if callable(targets):
                 targets = targets(logits.detach())
-            acts = store["acts"]
-            maps = []
-            for k in range(targets.shape[1]):
-                t = targets[:, k]
-                used = t >= 0
-                chosen = _score(logits, t.clamp(min=0), score)
-                total = (chosen * used.to(chosen.dtype)).sum()
-                if acts.grad is not None:
-                    acts.grad = None
-                (grads,) = torch.autograd.grad(total, acts, retain_graph=k < targets.shape[1] - 1)
-                a, g = acts.float(), grads.float()
-                w = _weights(a, g, method)
-                cam = F.relu((w[:, :, None, None] * a).sum(1))
-                maps.append(cam * used.view(-1, 1, 1).to(cam.dtype))
+            maps = _maps_from(store["acts"], logits, targets, method, score)
         pooled = store.get("pooled")
-        return CamResult(torch.stack(maps, 1).detach(), targets, logits.detach(), None if pooled is None else torch.flatten(pooled, 1).float())
+        return CamResult(maps, targets, logits.detach(), None if pooled is None else torch.flatten(pooled, 1).float())
     finally:
         handle.remove()
         if pool_handle is not None:
@@ -141,6 +128,45 @@ def compute_cam(
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
         model.train(was_training)
+
+
+def _maps_from(acts: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, method: str, score: str) -> torch.Tensor:
+    """(B, K, h, w) maps: one backward pass per target slot from the score to `acts` (which requires grad)."""
+    maps = []
+    for k in range(targets.shape[1]):
+        t = targets[:, k]
+        used = t >= 0
+        chosen = _score(logits, t.clamp(min=0), score)
+        total = (chosen * used.to(chosen.dtype)).sum()
+        (grads,) = torch.autograd.grad(total, acts, retain_graph=k < targets.shape[1] - 1)
+        a, g = acts.float(), grads.float()
+        w = _weights(a, g, method)
+        cam = F.relu((w[:, :, None, None] * a).sum(1))
+        maps.append(cam * used.view(-1, 1, 1).to(cam.dtype))
+    return torch.stack(maps, 1).detach()
+
+
+def cam_from_features(model: nn.Module, acts: torch.Tensor, targets, *, method: str = "gradcam", score: str = "logit") -> CamResult:
+    """Grad-CAM on `layer4` from feature maps computed elsewhere (the int8 ONNX model's `maps`
+    output): only the head (pooling + classifier, fp32) runs here, with autograd — the same gradient
+    `compute_cam` takes at layer4, whose backward pass is the head's too. `targets` as in compute_cam."""
+    if method not in ("gradcam", "gradcam++"):
+        raise ValueError(f"CAM from precomputed features supports gradcam and gradcam++, not {method!r}")
+    head = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            acts = acts.detach().float().requires_grad_(True)
+            pooled = model.pooled(acts)
+            logits = model.classify(pooled).float()
+            if callable(targets):
+                targets = targets(logits.detach())
+            maps = _maps_from(acts, logits, targets, method, score)
+        return CamResult(maps, targets, logits.detach(), pooled.detach())
+    finally:
+        for p, f in zip(model.parameters(), head):
+            p.requires_grad_(f)
 
 
 def upsample(maps: torch.Tensor, size: int, *, anchor: float | None = 0.0) -> torch.Tensor:

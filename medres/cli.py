@@ -324,6 +324,7 @@ def report(
     faithfulness: bool = typer.Option(False, "--faithfulness", help="Deletion/insertion AUC per case."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N files."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
+    precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32, or int8 (CPU: layer4 maps from the CHECKPOINT.int8.onnx beside it; gradcam/gradcam++ on layer4 only)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, 2 to 4)."),
     expect: List[str] = typer.Option([], "--expect", help="Header expectation KEY=V1,V2 (as for predict)."),
     gate: Literal["flag", "reject", "off"] = typer.Option("flag", "--gate", help="OOD gate: flag (mark cases), reject (no heatmap or probabilities) or off."),
@@ -334,7 +335,7 @@ def report(
     """
     from medres.report import report as run_report
 
-    summary = _run(lambda: run_report(checkpoint, list(inputs), out, method=method, layer=layer, target_class=class_, normalize=normalize, weight_by_probability=weight_by_probability, include_identifiers=include_identifiers, dicom_sc=dicom_sc, faithfulness=faithfulness, limit=limit, device=device, workers=workers, expect=list(expect), gate=gate))
+    summary = _run(lambda: run_report(checkpoint, list(inputs), out, method=method, layer=layer, target_class=class_, normalize=normalize, weight_by_probability=weight_by_probability, include_identifiers=include_identifiers, dicom_sc=dicom_sc, faithfulness=faithfulness, limit=limit, device=device, precision=precision, workers=workers, expect=list(expect), gate=gate))
     typer.echo(f"{summary['cases']} cases ({summary['failed']} failed, {summary['rejected']} rejected, {summary['flagged_out_of_distribution']} flagged out of distribution) -> {out / 'index.html'}")
     raise typer.Exit(1 if summary["failed"] else 0)
 

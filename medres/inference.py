@@ -162,5 +162,13 @@ class OnnxPredictor:
         logits, features = self._run(pixels, [self.outputs[0], "features"])
         return logits, features
 
+    def maps(self, pixels: torch.Tensor) -> np.ndarray:
+        """layer4 feature maps (B, 2048, h, w) for Grad-CAM (`cam.cam_from_features`)."""
+        if "maps" not in self.outputs:
+            from medres.errors import UsageError
+
+            raise UsageError("this ONNX file has no layer4 maps output (exported by an older medres): export it again for report --precision int8")
+        return self._run(pixels, ["maps"])[0]
+
     def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
         return to_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)

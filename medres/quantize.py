@@ -141,30 +141,33 @@ def _calibration_pixels(files: list, meta: ModelMeta) -> tuple[np.ndarray, list[
 
 # --- export -----------------------------------------------------------------------------------------
 class _WithFeatures(torch.nn.Module):
-    """ONNX graph with two outputs: logits and the pooled features of the OOD gate."""
+    """ONNX graph with three outputs: logits, the pooled features of the OOD gate, and the layer4
+    feature maps (Grad-CAM's activations: `report --precision int8` runs only the head in torch)."""
 
     def __init__(self, model: ResNet50):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_features(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps = self.model.forward_features(x)
+        pooled = self.model.pooled(maps)
+        return self.model.classify(pooled), pooled, maps
 
 
 def write_onnx(model: ResNet50, meta: ModelMeta, path: Path, *, opset: int = 17, extra_meta: dict[str, str] | None = None) -> None:
-    """fp32 ONNX (input `image`: normalised (B, C, S, S); outputs `logits`, `features`) with medres's
+    """fp32 ONNX (input `image`: normalised (B, C, S, S); outputs `logits`, `features`, `maps`) with medres's
     metadata in the model's metadata_props."""
     import onnx
 
     size = int(meta.preprocess["image_size"])
     torch.onnx.export(
-        _WithFeatures(model.float().eval()).eval(), (torch.zeros(2, meta.in_channels, size, size),), str(path), input_names=["image"], output_names=["logits", "features"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}}, opset_version=opset, dynamo=False,
+        _WithFeatures(model.float().eval()).eval(), (torch.zeros(2, meta.in_channels, size, size),), str(path), input_names=["image"], output_names=["logits", "features", "maps"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}, "maps": {0: "batch"}}, opset_version=opset, dynamo=False,
     )
     proto = onnx.load(str(path))
     props = {"medres": json.dumps(asdict(meta)), "medres.weights_digest": weights_digest(model),
              "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std",
-             "output": "logits (apply softmax (multiclass) or sigmoid (multilabel) after dividing by temperature); features: pooled 2048-d",
+             "output": "logits (apply softmax (multiclass) or sigmoid (multilabel) after dividing by temperature); features: pooled 2048-d; maps: layer4 (B, 2048, S/32, S/32)",
              **(extra_meta or {})}
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -211,7 +214,7 @@ def export_int8(checkpoint: str | Path, out: str | Path, *, calibration: str | P
             del proto.metadata_props[:]
             props = {"medres": json.dumps(asdict(meta)), "medres.weights_digest": weights_digest(model), "medres.precision": "int8",
                      "medres.quantization": json.dumps(settings), "medres.calibration": json.dumps(record),
-                     "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std", "output": "logits; features: pooled 2048-d"}
+                     "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std", "output": "logits; features: pooled 2048-d; maps: layer4 (B, 2048, S/32, S/32)"}
             for key, value in props.items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value

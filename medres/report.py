@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 
 from medres import conformal
-from medres.cam import CamResult, compute_cam, find_layer, occlusion_maps, upsample
+from medres.cam import CamResult, cam_from_features, compute_cam, find_layer, occlusion_maps, upsample
 from medres.errors import NoInputs, UsageError
 from medres.gate import ood_refusal
 from medres.files import atomic_path, atomic_write
-from medres.inference import Predictor
+from medres.inference import OnnxPredictor, Predictor
 from medres.io import Geometry, PreprocessSpec
 from medres.metrics import predict_labels
 from medres.model import CAM_LAYER, load_checkpoint
@@ -142,14 +142,17 @@ def report(
     if not files:
         raise NoInputs("no input files found")
     from medres.predict import gate_of
+    from medres.scoring import scorer_for
 
-    expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate)
-    predictor = Predictor.create(model, meta, device=device, precision=precision)
+    if precision == "int8" and (method == "occlusion" or layer != CAM_LAYER):
+        raise UsageError(f"--precision int8 explains with gradcam or gradcam++ on {CAM_LAYER} (the int8 model returns those maps); got --method {method} --layer {layer}")
+    predictor = scorer_for(checkpoint, model, meta, device=device, precision=precision)
+    expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate, scorer=predictor)
     opts = _Options(method, layer, target_class, normalize, weight_by_probability, faithfulness, include_identifiers, dicom_sc, gate, expectations, detector)
     truth = manifest_truth(inputs, meta)
     cases = [Case(i, f.shown, f.full, truth=truth.get(f.shown)) for i, f in enumerate(files)]
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers)
+    cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers, model=model)
     spec = PreprocessSpec.from_dict(meta.preprocess)
     if cells and min(cells) < 7 and method != "occlusion":
         shallower = {"layer4": "layer3", "layer3": "layer2"}.get(layer)
@@ -198,13 +201,13 @@ def _check_options(model, meta, *, layer: str, target_class: str | None, normali
         raise UsageError(f"--class {target_class!r} is not one of {', '.join(meta.classes)}")
 
 
-def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path, opts: _Options, *, batch_size: int, workers: int) -> tuple[int, int] | None:
+def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path, opts: _Options, *, batch_size: int, workers: int, model=None) -> tuple[int, int] | None:
     """One pass over the scoring path: probabilities and raw CAMs (model space) per case; the display
     image and thumbnail are written as each file is decoded, so no file is decoded twice."""
     cells = None
     in_order = iter(cases)  # batches keep input order; keys may repeat across input folders
     members = None
-    scorer = predictor if opts.method == "occlusion" else _ExplainingScorer(predictor, opts)
+    scorer = predictor if opts.method == "occlusion" else _ExplainingScorer(predictor, opts, model)
     for batch in scored_batches(files, scorer, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX, expect=opts.expect, detector=opts.detector):
         cam = getattr(scorer, "last", None)
         good, kept = [], []
@@ -276,8 +279,10 @@ class _ExplainingScorer:
     gate's features and the Grad-CAM maps (the explained classes chosen from that pass's own
     probabilities), where scoring and then explaining took two passes. `last` is the batch's CAM."""
 
-    def __init__(self, predictor: Predictor, opts: _Options):
+    def __init__(self, predictor: "Predictor | OnnxPredictor", opts: _Options, model=None):
         self.predictor, self.opts, self.meta = predictor, opts, predictor.meta
+        self.model = model if model is not None else predictor.model  # the torch head, for int8
+        self.ood_threshold = getattr(predictor, "ood_threshold", None)
         self.last = None
 
     def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
@@ -285,8 +290,11 @@ class _ExplainingScorer:
 
     def _run(self, pixels: torch.Tensor):
         choose = lambda logits: _padded(_targets(self.probs(logits.cpu().numpy()), self.meta, self.opts)[0])  # noqa: E731
-        p = self.predictor
-        self.last = compute_cam(p.model, p.prepare(pixels), choose, layer=self.opts.layer, method=self.opts.method, score=_cam_score(self.meta), autocast_dtype=p.dtype)
+        p, method, score = self.predictor, self.opts.method, _cam_score(self.meta)
+        if isinstance(p, OnnxPredictor):  # int8: layer4 maps from ONNX Runtime, the head's gradient in torch
+            self.last = cam_from_features(self.model, torch.from_numpy(p.maps(pixels)), choose, method=method, score=score)
+        else:
+            self.last = compute_cam(p.model, p.prepare(pixels), choose, layer=self.opts.layer, method=method, score=score, autocast_dtype=p.dtype)
         return self.last
 
     def logits(self, pixels: torch.Tensor) -> np.ndarray:
