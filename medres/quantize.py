@@ -157,18 +157,27 @@ class _WithFeatures(torch.nn.Module):
 def write_onnx(model: ResNet50, meta: ModelMeta, path: Path, *, opset: int = 17, extra_meta: dict[str, str] | None = None) -> None:
     """fp32 ONNX (input `image`: normalised (B, C, S, S); outputs `logits`, `features`, `maps`) with medres's
     metadata in the model's metadata_props."""
-    import onnx
-
     size = int(meta.preprocess["image_size"])
     torch.onnx.export(
         _WithFeatures(model.float().eval()).eval(), (torch.zeros(2, meta.in_channels, size, size),), str(path), input_names=["image"], output_names=["logits", "features", "maps"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}, "maps": {0: "batch"}}, opset_version=opset, dynamo=False,
     )
+    set_onnx_meta(path, {**_model_props(model, meta), **(extra_meta or {})})
+
+
+def _model_props(model: ResNet50, meta: ModelMeta) -> dict[str, str]:
+    return {"medres": json.dumps(asdict(meta)), "medres.weights_digest": weights_digest(model),
+            "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std",
+            "output": "logits (apply softmax (multiclass) or sigmoid (multilabel) after dividing by temperature); features: pooled 2048-d; maps: layer4 (B, 2048, S/32, S/32)"}
+
+
+def set_onnx_meta(path: str | Path, props: dict[str, str], *, replace: bool = True) -> None:
+    """Write `props` into the ONNX file's metadata_props (all of them replaced unless `replace` is False)."""
+    import onnx
+
     proto = onnx.load(str(path))
-    props = {"medres": json.dumps(asdict(meta)), "medres.weights_digest": weights_digest(model),
-             "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std",
-             "output": "logits (apply softmax (multiclass) or sigmoid (multilabel) after dividing by temperature); features: pooled 2048-d; maps: layer4 (B, 2048, S/32, S/32)",
-             **(extra_meta or {})}
+    if replace:
+        del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -210,15 +219,7 @@ def export_int8(checkpoint: str | Path, out: str | Path, *, calibration: str | P
         with atomic_path(out) as dst:
             quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=True, reduce_range=True, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
-            proto = onnx.load(str(dst))
-            del proto.metadata_props[:]
-            props = {"medres": json.dumps(asdict(meta)), "medres.weights_digest": weights_digest(model), "medres.precision": "int8",
-                     "medres.quantization": json.dumps(settings), "medres.calibration": json.dumps(record),
-                     "input": "image: (B, C, S, S) = (pixels in [0,1] - mean) / std", "output": "logits; features: pooled 2048-d; maps: layer4 (B, 2048, S/32, S/32)"}
-            for key, value in props.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, value
-            onnx.save(proto, str(dst))
+            set_onnx_meta(dst, {**_model_props(model, meta), "medres.precision": "int8", "medres.quantization": json.dumps(settings), "medres.calibration": json.dumps(record)})
             # Parity on the calibration images: int8 vs the torch fp32 model.
             with torch.inference_mode():
                 ref = to_probs(model.float().eval()(torch.from_numpy(x)), meta.task, meta.temperature)
@@ -230,9 +231,7 @@ def export_int8(checkpoint: str | Path, out: str | Path, *, calibration: str | P
                 raise ExportParityError(f"int8 parity check failed: max |Δprob| = {parity:.3f} > {INT8_PARITY_LIMIT:g} on the {len(x)} calibration images")
             gate = _int8_gate(checkpoint, meta, np.concatenate([o[1] for o in outs]))
             if gate:
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = "medres.ood", json.dumps(gate)
-                onnx.save(proto, str(dst))
+                set_onnx_meta(dst, {"medres.ood": json.dumps(gate)}, replace=False)
     return {"out": str(out), "precision": "int8", "calibration": {k: v for k, v in record.items() if k != "files"}, "max_abs_prob_diff": parity, "ood": gate,
             "mean_abs_prob_diff": float(np.abs(ref - got).mean()), "quantization": settings}
 
