@@ -31,7 +31,7 @@ from medres.io.record import HEADER_COLUMNS
 from medres.files import atomic_path, csv_text
 from medres.metrics import predict_labels
 from medres.scoring import (  # noqa: F401 — discover/shard/tta_views are part of predict's API too
-    InputFile, ScoredBatch, default_workers, discover, scorer_for, parse_shard, scored_batches, shard, shard_of, tta_views,
+    DECODE_POOL, InputFile, ScoredBatch, default_workers, discover, scorer_for, parse_shard, scored_batches, shard, shard_of, tta_views,
 )
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def predict(
     fmt: str = "csv",
     batch_size: int = 32,
     workers: int | None = None,
-    decode_pool: str = "thread",
+    decode_pool: str = DECODE_POOL,
     device: str = "auto",
     precision: str = "auto",
     backend: str = "torch",
@@ -298,7 +298,7 @@ def predict(
 
 
 def _score_files(todo: list[InputFile], scorer, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool,
-                 fail_fast: bool, flush_every: float, on_progress, expect: dict, detector, gate: str, pool: str = "thread") -> None:
+                 fail_fast: bool, flush_every: float, on_progress, expect: dict, detector, gate: str, pool: str = DECODE_POOL) -> None:
     """The scoring path's batches → journal rows, in input order (so a fresh run's journal already
     is the final table), fsync'd every `flush_every` seconds."""
     last_sync = time.perf_counter()
