@@ -6,8 +6,8 @@
   bounded window, while the caller's thread runs the model, and yields `ScoredBatch`es in input
   order: every file of the batch (bad ones with their error code) plus the probabilities of the
   good ones (calibrated; averaged over TTA views when asked) from `scorer_for`'s model (torch or
-  ONNX Runtime, fp32/bf16/int8). Reports ask for a display-size copy of the original too (`display_max`), so no file
-  is decoded twice.
+  ONNX Runtime, fp32/bf16/int8). Reports ask for a display-size copy of the original too
+  (`display_max`), so no file is decoded twice.
 - `evaluate`, `calibrate` and training's validation read their batches from the image store instead
   (`data/dataset.py: stream`) and share the last step, `Predictor.logits_of`.
 """
