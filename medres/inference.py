@@ -134,11 +134,11 @@ class OnnxPredictor:
     `--quantize int8`), with the checkpoint's own normalisation and calibration. Files exported before
     the `features` output existed score without the OOD gate (features None)."""
 
-    def __init__(self, path, meta: ModelMeta, *, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, path, meta: ModelMeta, *, precision: str = "fp32"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads torch would use for the model
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.meta = meta
         self.device = torch.device("cpu")

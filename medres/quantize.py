@@ -140,7 +140,7 @@ def _calibration_pixels(files: list, meta: ModelMeta) -> tuple[np.ndarray, list[
 
 
 # --- export -----------------------------------------------------------------------------------------
-class _WithFeatures(torch.nn.Module):
+class _ExportGraph(torch.nn.Module):
     """ONNX graph with three outputs: logits, the pooled features of the OOD gate, and the layer4
     feature maps (Grad-CAM's activations: `report --precision int8` runs only the head in torch)."""
 
@@ -154,15 +154,15 @@ class _WithFeatures(torch.nn.Module):
         return self.model.classify(pooled), pooled, maps
 
 
-def write_onnx(model: ResNet50, meta: ModelMeta, path: Path, *, opset: int = 17, extra_meta: dict[str, str] | None = None) -> None:
+def write_onnx(model: ResNet50, meta: ModelMeta, path: Path, *, opset: int = 17) -> None:
     """fp32 ONNX (input `image`: normalised (B, C, S, S); outputs `logits`, `features`, `maps`) with medres's
     metadata in the model's metadata_props."""
     size = int(meta.preprocess["image_size"])
     torch.onnx.export(
-        _WithFeatures(model.float().eval()).eval(), (torch.zeros(2, meta.in_channels, size, size),), str(path), input_names=["image"], output_names=["logits", "features", "maps"],
+        _ExportGraph(model.float().eval()).eval(), (torch.zeros(2, meta.in_channels, size, size),), str(path), input_names=["image"], output_names=["logits", "features", "maps"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}, "maps": {0: "batch"}}, opset_version=opset, dynamo=False,
     )
-    set_onnx_meta(path, {**_model_props(model, meta), **(extra_meta or {})})
+    set_onnx_meta(path, _model_props(model, meta))
 
 
 def _model_props(model: ResNet50, meta: ModelMeta) -> dict[str, str]:
