@@ -83,6 +83,13 @@ def _voi_choice(value: str) -> str:
     raise typer.BadParameter(f"{value!r} is not one of 'auto', 'none', 'minmax' or a window index (0, 1, ...)")
 
 
+def _checkpoint_path(value: Optional[Path]) -> Optional[Path]:
+    """--checkpoint RUN_FOLDER means the run's model.safetensors."""
+    if value is not None and value.is_dir() and (value / "model.safetensors").is_file():
+        return value / "model.safetensors"
+    return value
+
+
 def _console():
     from rich.console import Console
 
@@ -125,21 +132,20 @@ def train(
 
 
 # --- evaluate / calibrate --------------------------------------------------------------------------
-def _run_paths(run: Optional[Path], checkpoint: Optional[Path], manifest: Optional[Path], store_dir: Optional[Path]) -> tuple[Path, Path, Optional[Path], Optional[Path]]:
-    """Checkpoint, manifest, splits.csv and image-store folder, from --run's folder unless given."""
-    splits = None
-    if run is not None:
-        checkpoint = checkpoint or run / "model.safetensors"
-        splits = run / "splits.csv"
-        import yaml
+def _run_paths(run: Optional[Path], checkpoint: Optional[Path], manifest: Optional[Path], store_dir: Optional[Path]):
+    """Checkpoint, manifest (or the run's own selected rows with their splits), splits.csv and image-store
+    folder, from --run's folder unless given (`medres.run.RunDir`)."""
+    from medres.run import RunDir, resolve_checkpoint
 
-        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("data", {})
-        manifest = manifest or Path(data["manifest"])
-        if store_dir is None and data.get("store_dir"):
-            store_dir = Path(data["store_dir"])  # the training run's store: nothing is decoded again
+    if run is not None:
+        rd = RunDir.open(run)
+        ckpt = resolve_checkpoint(checkpoint) if checkpoint else rd.checkpoint
+        if manifest is not None:
+            return ckpt, manifest, rd.path("splits.csv"), store_dir or rd.store_dir()
+        return ckpt, rd.manifest(), None, store_dir or rd.store_dir()  # the training run's store: nothing is decoded again
     if checkpoint is None or manifest is None:
         raise UsageError("give --run RUN_DIR, or --checkpoint and --manifest")
-    return checkpoint, manifest, splits, store_dir
+    return resolve_checkpoint(checkpoint), manifest, None, store_dir
 
 
 @app.command()
@@ -215,7 +221,7 @@ def calibrate(
 @app.command()
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Files, folders (recursive) or a manifest CSV."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
     out: Path = typer.Option(..., "--out", help="Output table."),
     fmt: Literal["csv", "jsonl", "parquet"] = typer.Option("csv", "--format", help="csv, jsonl or parquet."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
@@ -284,7 +290,7 @@ def predict(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
     fmt: Literal["onnx", "monai-bundle"] = typer.Option("onnx", "--format", help="onnx (a model file) or monai-bundle (a folder for MONAI Deploy / MONAI Label)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output model file (onnx) or folder (monai-bundle). Default with --quantize int8: CHECKPOINT.int8.onnx beside the checkpoint (where predict --precision int8 looks)."),
     quantize: Optional[Literal["int8"]] = typer.Option(None, "--quantize", help="int8: static quantization (ONNX Runtime QDQ) calibrated on validation images."),
@@ -312,7 +318,7 @@ def export(
 @app.command()
 def report(
     inputs: List[Path] = typer.Argument(..., help="Files, folders or a manifest CSV."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="model.safetensors."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
     out: Path = typer.Option(..., "--out", help="Report folder (index.html, cases/)."),
     method: Literal["gradcam", "gradcam++", "occlusion"] = typer.Option("gradcam", "--method", help="gradcam, gradcam++, or occlusion (MONAI OcclusionSensitivity: model-agnostic, 196 forward passes per image)."),
     layer: str = typer.Option("layer4", "--layer", help="Module name for the CAM: layer4 gives image_size/32 cells per side, layer3 image_size/16."),
@@ -393,8 +399,51 @@ def manifest_build(
     def go():
         return write_manifest(folder, out, overwrite=overwrite)
 
-    df = _run(go)
-    typer.echo(f"wrote {out}: {len(df)} images, {df['label'].nunique()} classes; check patient_id (default: file name before the first '_')")
+    df, skipped = _run(go)
+    for rel, line in skipped:
+        _err(f"skipped {rel}: {line}")
+    typer.echo(f"wrote {out}: {len(df)} images, {df['label'].nunique()} classes ({', '.join(sorted(df['label'].unique()))}); "
+               f"{len(skipped)} non-image files skipped; check patient_id (default: file name before the first '_')")
+
+
+@manifest_app.command("import")
+def manifest_import(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="nih, chexpert, mimic-cxr-jpg, padchest, rsna-pneumonia, vindr-cxr or covid-chestxray."),
+    source: Path = typer.Argument(..., help="The archive's folder as downloaded (label tables and images below it)."),
+    out: Path = typer.Option(..., "--out", help="Manifest CSV to write (beside it: OUT.import.json, and OUT.missing.csv when images are absent)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+) -> None:
+    """Import a public chest X-ray archive's own files as a manifest with the shared label vocabulary.
+
+    Example: medres manifest import nih /data/nih --out manifests/nih.csv
+    """
+    from medres.archives import import_archive
+
+    rep = _run(lambda: import_archive(fmt, source, out, overwrite=overwrite))
+    typer.echo(f"wrote {rep.out}: {rep.rows} images ({rep.archive}); official split: " + ", ".join(f"{k} {v}" for k, v in rep.splits.items()))
+    for reason, n in rep.removed.items():
+        typer.echo(f"left out: {n} {reason}")
+    if rep.missing:
+        _err(f"warning: {rep.missing} rows whose image is not below {source}: listed in {rep.out.with_name(rep.out.stem + '.missing.csv')}")
+    for line in rep.malformed[:5]:
+        _err(f"[ARCHIVE_INVALID] {line} (row left out)")
+    if len(rep.malformed) > 5:
+        _err(f"... {len(rep.malformed) - 5} more malformed rows: see {rep.out.with_name(rep.out.stem + '.import.json')}")
+    labelled = {c: v for c, v in rep.counts.items() if v["positive"] + v["negative"] + v["uncertain"]}
+    typer.echo("labels (positive/negative/uncertain/missing): " + "; ".join(f"{c} {v['positive']}/{v['negative']}/{v['uncertain']}/{v['missing']}" for c, v in labelled.items()))
+    raise typer.Exit(1 if rep.malformed else 0)
+
+
+@app.command("configs")
+def configs() -> None:
+    """List the configs shipped with medres (usable by name: --config covid_xray).
+
+    Example: medres configs
+    """
+    from medres.config import config_summary, shipped_configs
+
+    for name, path in shipped_configs().items():
+        typer.echo(f"{name:22s} {config_summary(path)}")
 
 
 @manifest_app.command("check")
@@ -410,11 +459,11 @@ def manifest_check(
     from medres.data.manifest import check_manifest, load_manifest
 
     def go():
-        classes, task, root = None, "multiclass", None
+        classes, task, root, uncertain = None, "multiclass", None, "ignore"
         if config is not None:
             cfg = load_config(config)
-            classes, task, root = cfg.data.classes or None, cfg.data.task, cfg.data.root
-        m = load_manifest(manifest, classes=classes, task=task, root=root)
+            classes, task, root, uncertain = cfg.data.classes or None, cfg.data.task, cfg.data.root, cfg.data.uncertain
+        m = load_manifest(manifest, classes=classes, task=task, root=root, uncertain=uncertain)
         return m, check_manifest(m)
 
     m, rep = _run(go)
@@ -425,8 +474,13 @@ def manifest_check(
     table.add_column("class")
     table.add_column("images", justify="right")
     table.add_column("patients", justify="right")
+    states = any("states" in row for row in rep["counts"])
+    if states:
+        for name in ("negative", "uncertain", "missing"):
+            table.add_column(name, justify="right")
     for row in rep["counts"]:
-        table.add_row(row["class"], str(row["images"]), str(row["patients"]))
+        extra = [str(row["states"][k]) for k in ("negative", "uncertain", "missing")] if states else []
+        table.add_row(row["class"], str(row["images"]), str(row["patients"]), *extra)
     console.print(table)
     for w in rep["warnings"]:
         _err(f"warning: {manifest}: {w}")

@@ -23,10 +23,15 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    manifest: Path | None = Field(None, description="CSV manifest (path,label|labels|one column per class,patient_id[,split,...]).")
-    root: Path | None = Field(None, description="Folder the manifest paths are relative to (default: the manifest's folder).")
+    manifest: Path | list[Path] | None = Field(None, description="CSV manifest (path,label|labels|one column per class,patient_id[,split,...]), or a list of them merged (each row keeps its `source`).")
+    root: Path | None = Field(None, description="Folder the manifest paths are relative to (default: each manifest's own folder).")
     classes: list[str] = Field(default_factory=list, description="Class names, in output order.")
     task: Literal["multiclass", "multilabel"] = Field("multiclass", description="One label per image, or any subset of classes.")
+    uncertain: Union[Literal["ones", "zeros", "ignore"], dict[str, Literal["ones", "zeros", "ignore"]]] = Field(
+        "ignore", description="Uncertain (-1) labels: ones, zeros or ignore (masked), or per class {CLASS: policy, default: policy}; blank labels are always masked.")
+    views: list[str] = Field(default_factory=list, description="Keep only rows whose `view` column is one of these (e.g. [PA, AP]); [] keeps all.")
+    filter: list[str] = Field(default_factory=list, description="Row filters on manifest columns, all applied: 'COLUMN OP VALUE' with OP one of == != < <= > >= in (e.g. 'age >= 18', 'sex in [F, M]').")
+    split_column: str | None = Field(None, description="Column with an archive's official split (train/val/test); train rows lend val_fraction of their patients to val when it has none, and test_fraction to test likewise.")
     image_size: int = Field(224, ge=16, le=2048, description="Square model input size in pixels.")
     resize: Literal["letterbox", "crop", "stretch"] = Field("letterbox", description="letterbox keeps the aspect ratio and pads; crop centre-crops; stretch distorts.")
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of patients for validation when the manifest has no split column.")
@@ -47,7 +52,20 @@ class DataConfig(_Strict):
             )
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"data.classes has duplicates: {self.classes}")
+        if isinstance(self.uncertain, dict):
+            unknown = sorted(set(self.uncertain) - set(self.classes) - {"default"})
+            if unknown:
+                raise ValueError(f"data.uncertain names {unknown[0]!r}, which is not in data.classes {self.classes}")
+        if self.uncertain != "ignore" and self.task == "multiclass":
+            raise ValueError("data.uncertain applies to multilabel tasks (data.task: multilabel); a multiclass manifest has no uncertain labels")
         return self
+
+    @property
+    def manifests(self) -> list[Path]:
+        """data.manifest as a list (one or several CSVs)."""
+        if self.manifest is None:
+            return []
+        return list(self.manifest) if isinstance(self.manifest, list) else [self.manifest]
 
 
 class ModelConfig(_Strict):
@@ -181,10 +199,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "<defaults>"
     base: Path | None = None
     if path is not None:
-        path = Path(path)
+        path = find_config(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigInvalid(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
@@ -199,17 +215,69 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _set_dotted(tree, key, value, f"--set {key}")
     cfg = config_from_dict(tree, source + (" + --set" if overrides else ""))
-    for field in ("manifest", "root"):  # inputs; cache_dir and store_dir are outputs and stays relative to the current directory
-        value = getattr(cfg.data, field)
-        if value is not None and not value.is_absolute() and not value.exists() and base is not None:
-            candidate = base / value
-            if candidate.exists():
-                setattr(cfg.data, field, candidate)
+    # Inputs: resolved against the config's folder when they do not exist here, then made absolute so a
+    # run's recorded config works from any folder. cache_dir and store_dir (outputs) stay as given.
+    resolve = lambda v: _resolve_input(v, base)  # noqa: E731
+    if isinstance(cfg.data.manifest, list):
+        cfg.data.manifest = [resolve(v) for v in cfg.data.manifest]
+    elif cfg.data.manifest is not None:
+        cfg.data.manifest = resolve(cfg.data.manifest)
+    if cfg.data.root is not None:
+        cfg.data.root = resolve(cfg.data.root)
     w = cfg.model.weights
     if w not in ("imagenet", "none") and not Path(w).is_absolute() and not Path(w).exists() and base is not None:
         if (base / w).exists():
             cfg.model.weights = str(base / w)
     return cfg
+
+
+def shipped_config_dir() -> Path:
+    """The folder of the YAML files shipped with medres: the installed package `medres.configs`, or the
+    repository's configs/ in a source checkout (editable install)."""
+    try:
+        from importlib.resources import files
+
+        installed = Path(str(files("medres.configs")))
+        if installed.is_dir():
+            return installed
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name (file stem) → path of every shipped config."""
+    folder = shipped_config_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file: the path as given when it exists, else the shipped config of that name
+    (`covid_xray.yaml` or `covid_xray`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if len(path.parts) == 1 and name in shipped:
+        return shipped[name]
+    raise ConfigInvalid(f"config file not found: {path} (shipped configs: {', '.join(shipped) or 'none'}; list them with medres configs)")
+
+
+def config_summary(path: Path) -> str:
+    """The first comment line of a config file: what `medres configs` prints beside its name."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def _resolve_input(value: Path, base: Path | None) -> Path:
+    if not value.is_absolute() and not value.exists() and base is not None and (base / value).exists():
+        value = base / value
+    return value.resolve() if value.exists() else value
 
 
 def dump_config(cfg: Config) -> str:

@@ -64,7 +64,8 @@ def fit(probs: np.ndarray, y: np.ndarray, task: str, *, coverage: float = 0.9, m
         q = conformal_quantile(s, coverage)
         return {"method": method, "coverage": coverage, "n": int(len(y)), "qhat": None if math.isinf(q) else q}
     qs = [conformal_quantile(1.0 - probs[y[:, j] == 1, j], coverage) for j in range(y.shape[1])]
-    return {"method": "lac-per-label", "coverage": coverage, "n": [int(v) for v in y.sum(0)], "qhat": [None if math.isinf(q) else q for q in qs]}
+    # y == 1 leaves masked (NaN) labels out: a label's threshold is fitted on its labelled positives only
+    return {"method": "lac-per-label", "coverage": coverage, "n": [int(v) for v in (y == 1).sum(0)], "qhat": [None if math.isinf(q) else q for q in qs]}
 
 
 def sets(probs: np.ndarray, conformal: dict, task: str) -> np.ndarray:

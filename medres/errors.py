@@ -136,6 +136,12 @@ class NoInputs(UsageError):
     code = "NO_INPUTS"
 
 
+class ArchiveInvalid(UsageError):
+    """`manifest import`: an archive's file is missing, or not in the archive's published format."""
+
+    code = "ARCHIVE_INVALID"
+
+
 # --- models ----------------------------------------------------------------------------
 class WeightsError(MedresError):
     code = "WEIGHTS_INVALID"

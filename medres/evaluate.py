@@ -64,6 +64,8 @@ def score_manifest(model, meta: ModelMeta, manifest: Manifest, rows: np.ndarray 
 def patient_bootstrap(patients: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
     """Index sets for `n` resamples of patients with replacement: a patient's images move together."""
     uniq, inverse = np.unique(patients, return_inverse=True)
+    if len(uniq) < 2:  # nothing to resample: no CI (callers report the group as too small)
+        return []
     members = [np.nonzero(inverse == k)[0] for k in range(len(uniq))]
     rng = np.random.default_rng(seed)
     out = []
@@ -108,6 +110,8 @@ def metrics_with_ci(y, p, patients, classes, task, thresholds, n_boot: int, seed
     if "accuracy" in m:
         m["accuracy_ci"] = ci.get("accuracy")
     m["images"], m["patients"] = int(len(y)), int(len(np.unique(patients)))
+    if n_boot and m["patients"] < 2:
+        m["note"] = f"{m['patients']} patient(s): too few for a bootstrap CI"
     return m
 
 
@@ -216,7 +220,7 @@ def conformal_audit(y, p_cal, frame: pd.DataFrame, meta: ModelMeta, by: list[str
 
 
 # --- the command ---------------------------------------------------------------------------------
-def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None,
+def calibrate(checkpoint: str | Path, manifest_path: "str | Path | Manifest", splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None,
               coverage: float = 0.9, method: str = "aps", ood_quantile: float = 0.99, ood_max_train: int = 20000,
               device: str = "auto", precision: str = "auto", store_dir=None, num_workers: int | None = None) -> dict:
     """Fit temperature, operating points, conformal sets and the input gate (OOD detector on the train
@@ -225,7 +229,7 @@ def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str
     from medres.inference import resolve_device, resolve_precision
 
     _, meta = load_checkpoint(checkpoint)
-    manifest = _with_splits(load_manifest(manifest_path, classes=meta.classes, task=meta.task), splits_csv)
+    manifest = _manifest_for(manifest_path, meta, splits_csv)
     split = manifest.frame["split"].to_numpy() if "split" in manifest.frame.columns else np.full(len(manifest), "")
     val, train = np.nonzero(split == "val")[0], np.nonzero(split == "train")[0]
     if len(val) == 0:
@@ -243,19 +247,21 @@ def calibrate(checkpoint: str | Path, manifest_path: str | Path, splits_csv: str
         store.close()
 
 
-def _with_splits(manifest: Manifest, splits_csv: str | Path | None) -> Manifest:
+def _manifest_for(manifest: "str | Path | Manifest", meta: ModelMeta, splits_csv: str | Path | None) -> Manifest:
+    """A Manifest as given (e.g. `RunDir.manifest()`: the run's own rows, roots and splits), or a manifest
+    CSV read with the checkpoint's classes, plus a splits.csv when given."""
+    from medres.run import with_splits
+
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest, classes=meta.classes, task=meta.task)
     if splits_csv is None:
         return manifest
-    s = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
-    lookup = dict(zip(s["path"], s["split"]))
-    frame = manifest.frame.copy()
-    frame["split"] = [lookup.get(p, "") for p in frame["path"]]
-    return Manifest(frame, manifest.targets, manifest.classes, manifest.task, manifest.root, manifest.source)
+    return with_splits(manifest, pd.read_csv(splits_csv, dtype=str, keep_default_na=False), str(splits_csv))
 
 
 def evaluate(
     checkpoint: str | Path,
-    manifest_path: str | Path,
+    manifest_path: "str | Path | Manifest",
     out: str | Path,
     *,
     split: str | None = "test",
@@ -272,7 +278,7 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(checkpoint)
-    manifest = _with_splits(load_manifest(manifest_path, classes=meta.classes, task=meta.task), splits_csv)
+    manifest = _manifest_for(manifest_path, meta, splits_csv)
     warns: list[str] = []
     rows = np.arange(len(manifest))
     if split:
@@ -280,7 +286,8 @@ def evaluate(
             raise UsageError(f"--split {split}: the manifest has no split column; pass --run RUN_DIR (its splits.csv) or --split ''")
         rows = np.nonzero((manifest.frame["split"] == split).to_numpy())[0]
         if len(rows) == 0:
-            raise ManifestInvalid(f"no rows with split={split}")
+            counts = manifest.frame["split"].replace("", "(blank)").value_counts().to_dict()
+            raise ManifestInvalid(f"{manifest.source}: no rows with split={split} (rows per split: {counts})")
     # The store is keyed by the whole manifest, so the training run's store serves every split.
     from medres.calibration import load_detector
 
@@ -290,6 +297,10 @@ def evaluate(
     mask[rows] = True
     manifest = manifest.subset(mask)
     ok = scored.ok
+    if not ok.any():
+        first = scored.errors[0][2] if scored.errors else "no error recorded"
+        raise ManifestInvalid(f"{manifest.source}: split {split or 'all'}: {len(rows)} rows, none of their images could be read (first: {first}); "
+                              "is the data root right (data.root, the manifest's folder)?")
     warns += [f"skipped {m}" for _, _, m in scored.errors]
     y, z = manifest.targets[ok], scored.logits[ok]
     frame = manifest.frame[ok].reset_index(drop=True)
@@ -299,8 +310,11 @@ def evaluate(
     if not meta.thresholds:
         warns.append("checkpoint has no operating points from validation: using 0.5 (run medres calibrate)")
     for j, c in enumerate(meta.classes):
-        if y[:, j].sum() == 0:
+        if np.nansum(y[:, j]) == 0:
             warns.append(f"class {c} is absent from the evaluated split: its AUROC/AP/sensitivity are NaN")
+        elif np.isnan(y[:, j]).any():
+            warns.append(f"class {c}: {int(np.isnan(y[:, j]).sum())} of {len(y)} images have no label for it (missing or uncertain-ignored): "
+                         f"its metrics use the {int((~np.isnan(y[:, j])).sum())} labelled ones")
     result = metrics_with_ci(y, p_cal, patients, meta.classes, meta.task, thresholds, bootstrap, seed)
     result["calibration"] = {
         "temperature": meta.temperature,
@@ -329,7 +343,7 @@ def evaluate(
     labels = predict_labels(p_cal, meta.task, thresholds)
     rows = []
     for i in range(len(frame)):
-        truth = meta.classes[int(y[i].argmax())] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, y[i]) if v)
+        truth = meta.classes[int(y[i].argmax())] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, y[i]) if v == 1)
         pred = meta.classes[int(labels[i])] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, labels[i]) if v)
         rows.append([frame["path"].iloc[i], frame["patient_id"].iloc[i], truth] + [f"{v:.6f}" for v in p_cal[i]] + [pred])
     atomic_write(out / "per_case.csv", csv_text(["path", "patient_id", "label"] + [f"prob_{c}" for c in meta.classes] + ["prediction"], rows))

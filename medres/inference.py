@@ -62,6 +62,21 @@ def to_probs(logits: torch.Tensor | np.ndarray, task: str, temperature: float = 
     return p.cpu().numpy()
 
 
+PROB_DECIMALS = 6  # what predict and report write; their labels and sets are decided on these values
+
+
+def output_probs(logits: torch.Tensor | np.ndarray, task: str, temperature: float = 1.0) -> np.ndarray:
+    """Calibrated probabilities as `predict`/`report` write them: rounded to PROB_DECIMALS decimals
+    (float64, each the value a CSV reader parses from the written text), so the predicted labels and
+    the conformal sets in an output table are recomputable from its own prob_* columns, exactly."""
+    return round_probs(to_probs(logits, task, temperature))
+
+
+def round_probs(p: np.ndarray) -> np.ndarray:
+    p = np.asarray(p)
+    return np.array([float(f"{v:.{PROB_DECIMALS}f}") for v in p.ravel()], dtype=np.float64).reshape(p.shape)
+
+
 def calibrate_meta(meta: ModelMeta, logits: np.ndarray, y: np.ndarray, *, target_sensitivity: float | None = None) -> dict:
     """Temperature scaling and operating points from validation logits, written into `meta`.
     The one calibration step: `train` runs it at the end, `medres calibrate` on older checkpoints."""
@@ -126,7 +141,7 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.meta.classes)), dtype=np.float32)
 
     def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        return to_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)
+        return output_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)
 
 
 class OnnxPredictor:
@@ -171,4 +186,4 @@ class OnnxPredictor:
         return self._run(pixels, ["maps"])[0]
 
     def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        return to_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)
+        return output_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)

@@ -1,6 +1,8 @@
 """Metrics, calibration and operating points on plain arrays (no files, no torch models).
 
-Conventions: `y` is (N, C) 0/1 (one-hot for multiclass), `p` is (N, C) probabilities.
+Conventions: `y` is (N, C) 0/1 (one-hot for multiclass), `p` is (N, C) probabilities. In multilabel
+`y`, NaN marks a masked label (missing, or uncertain under `ignore`): every metric of a class is
+computed over that class's labelled images only, and flipping a masked entry changes nothing.
 A class without both positives and negatives gives NaN, never a crash.
 """
 
@@ -14,14 +16,22 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def _defined(y: np.ndarray) -> bool:
-    return 0 < y.sum() < len(y)
+    return 0 < np.nansum(y) < np.count_nonzero(~np.isnan(y))
+
+
+def labelled(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of one class that carry a label (NaN targets left out)."""
+    keep = ~np.isnan(y)
+    return y[keep], s[keep]
 
 
 def auroc(y: np.ndarray, s: np.ndarray) -> float:
+    y, s = labelled(y, s)
     return float(roc_auc_score(y, s)) if _defined(y) else float("nan")
 
 
 def average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    y, s = labelled(y, s)
     return float(average_precision_score(y, s)) if _defined(y) else float("nan")
 
 
@@ -70,7 +80,8 @@ def point_metrics(y: np.ndarray, p: np.ndarray, classes: list[str], task: str, t
         row = {"auroc": auroc(y[:, j], p[:, j]), "average_precision": average_precision(y[:, j], p[:, j])}
         row.update(binary_at(y[:, j], p[:, j], thresholds[j]))
         row["threshold"] = float(thresholds[j])
-        row["positives"] = int(y[:, j].sum())
+        row["positives"] = int(np.nansum(y[:, j]))
+        row["labelled"] = int(np.count_nonzero(~np.isnan(y[:, j])))
         per_class[c] = row
     keys = ["auroc", "average_precision", "sensitivity", "specificity", "ppv", "npv", "f1"]
     out = {"per_class": per_class, "macro": {k: macro([per_class[c][k] for c in classes]) for k in keys}}
@@ -85,10 +96,7 @@ def point_metrics(y: np.ndarray, p: np.ndarray, classes: list[str], task: str, t
 def ece(y: np.ndarray, p: np.ndarray, task: str, bins: int = 10) -> float:
     """Expected calibration error with equal-mass bins: top-label for multiclass, all
     (class, image) pairs for multilabel."""
-    if task == "multiclass":
-        conf, correct = p.max(1), (p.argmax(1) == y.argmax(1)).astype(float)
-    else:
-        conf, correct = p.ravel(), y.ravel().astype(float)
+    conf, correct = _confidence(y, p, task)
     if len(conf) == 0:
         return float("nan")
     order = np.argsort(conf, kind="stable")
@@ -99,19 +107,24 @@ def ece(y: np.ndarray, p: np.ndarray, task: str, bins: int = 10) -> float:
     return float(total / len(conf))
 
 
+def _confidence(y: np.ndarray, p: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) pairs: top label for multiclass, every labelled (image, class) for multilabel."""
+    if task == "multiclass":
+        return p.max(1), (p.argmax(1) == y.argmax(1)).astype(float)
+    keep = ~np.isnan(y.ravel())
+    return p.ravel()[keep], y.ravel()[keep].astype(float)
+
+
 def brier(y: np.ndarray, p: np.ndarray, task: str) -> float:
     if len(y) == 0:
         return float("nan")
     if task == "multiclass":
         return float(np.mean(np.sum((p - y) ** 2, axis=1)))
-    return float(np.mean((p - y) ** 2))
+    return float(np.nanmean((p - y) ** 2)) if (~np.isnan(y)).any() else float("nan")
 
 
 def reliability_curve(y: np.ndarray, p: np.ndarray, task: str, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if task == "multiclass":
-        conf, correct = p.max(1), (p.argmax(1) == y.argmax(1)).astype(float)
-    else:
-        conf, correct = p.ravel(), y.ravel().astype(float)
+    conf, correct = _confidence(y, p, task)
     order = np.argsort(conf, kind="stable")
     chunks = [c for c in np.array_split(order, min(bins, max(1, len(order)))) if len(c)]
     return (np.array([conf[c].mean() for c in chunks]), np.array([correct[c].mean() for c in chunks]), np.array([len(c) for c in chunks]))
@@ -125,12 +138,15 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, task: str) -> float:
     t = torch.as_tensor(y, dtype=torch.float64)
     if len(z) == 0:
         return 1.0
+    known = ~torch.isnan(t)  # multilabel: masked labels take no part in the fit
+    t = torch.nan_to_num(t)
 
     def nll(log_t: float) -> float:
         s = z / math.exp(log_t)
         if task == "multiclass":
             return float(-(t * torch.log_softmax(s, 1)).sum(1).mean())
-        return float(torch.nn.functional.binary_cross_entropy_with_logits(s, t))
+        each = torch.nn.functional.binary_cross_entropy_with_logits(s, t, reduction="none")
+        return float(each[known].mean()) if known.any() else 0.0
 
     # Golden-section search over log T in [-3, 3]: robust, no gradients, 60 evaluations.
     lo, hi = -3.0, 3.0
@@ -147,6 +163,12 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, task: str) -> float:
             b = lo + g * (hi - lo)
             fb = nll(b)
     best = (lo + hi) / 2
+    if best > 2.9:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "temperature %.1f is at the search bound: the validation logits carry little information (a model near chance?); "
+            "its probabilities will be near uniform", math.exp(best))
     return float(math.exp(best)) if nll(best) <= nll(0.0) else 1.0
 
 
@@ -155,7 +177,7 @@ def choose_thresholds(y: np.ndarray, p: np.ndarray, *, target_sensitivity: float
     sensitivity. Classes without positives and negatives keep 0.5."""
     out = []
     for j in range(y.shape[1]):
-        yj, pj = y[:, j], p[:, j]
+        yj, pj = labelled(y[:, j], p[:, j])
         if not _defined(yj):
             out.append(0.5)
             continue

@@ -27,6 +27,7 @@ import torch
 from medres import conformal
 from medres.errors import NoInputs, OutputExists, UsageError
 from medres.gate import OOD_CODE, ood_refusal
+from medres.inference import PROB_DECIMALS
 from medres.io.record import HEADER_COLUMNS
 from medres.files import atomic_path, csv_text
 from medres.metrics import predict_labels
@@ -345,7 +346,7 @@ def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", threshold: float | 
                 row.update(status="rejected", error_code=OOD_CODE, message=ood_refusal(d.file.shown, score, threshold))
                 k += 1
                 continue
-        row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(meta.classes, p)})
+        row.update({f"prob_{c}": f"{v:.{PROB_DECIMALS}f}" for c, v in zip(meta.classes, p)})
         if meta.task == "multiclass":
             row["prediction"] = meta.classes[int(lab)]
         else:

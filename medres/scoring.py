@@ -29,15 +29,13 @@ import torch
 from medres.errors import IngestError, NoInputs, UsageError
 from medres.gate import OodDetector, check_header
 from medres.files import resolve_under_root
+from medres.inference import round_probs
 from medres.io import ImageCache, PreprocessSpec, load_image
+from medres.io.listing import candidate_files
 from medres.io.record import Record
 from medres.io.resize import fit_within
 
 
-# Sidecar files commonly found next to images; skipped when walking folders (files named on the
-# command line are always scored, so a text file named .dcm still becomes an error row).
-SIDECAR_SUFFIXES = {".csv", ".json", ".txt", ".md", ".html", ".htm", ".yaml", ".yml", ".xml", ".log", ".npy", ".npz", ".pdf", ".py"}
-SIDECAR_NAMES = {"DICOMDIR", "Thumbs.db"}
 
 
 @dataclass(frozen=True)
@@ -53,18 +51,15 @@ def discover(inputs: list[str | Path]) -> list[InputFile]:
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            root = p
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(root)
-                if f.is_file() and not any(part.startswith(".") for part in rel.parts) and f.suffix.lower() not in SIDECAR_SUFFIXES and f.name not in SIDECAR_NAMES:
-                    found.append(InputFile(str(f), rel.as_posix()))
+            found += [InputFile(str(f), rel) for f, rel in candidate_files(p)]
         elif p.is_file() and p.suffix.lower() == ".csv" and _is_manifest(p):
             from medres.data.manifest import read_csv
 
-            df = read_csv(p)
-            for rel in df["path"]:
+            df = read_csv(p)  # paths relative to its folder, or to its `root` column (manifest import)
+            roots = df["root"] if "root" in df.columns else [""] * len(df)
+            for rel, root in zip(df["path"], roots):
                 try:
-                    found.append(InputFile(str(resolve_under_root(p.resolve().parent, rel)), rel))
+                    found.append(InputFile(str(resolve_under_root(Path(root.strip()) if root.strip() else p.resolve().parent, rel)), rel))
                 except IngestError as err:
                     found.append(InputFile("", rel, err.one_line()))
         elif p.is_file():
@@ -312,7 +307,7 @@ def scored_batches(
                 batch.ood = detector.score(features)
             else:
                 logits = [scorer.logits(v) for v in views]
-            batch.probs = np.mean([scorer.probs(z) for z in logits], axis=0)
+            batch.probs = round_probs(np.mean([scorer.probs(z) for z in logits], axis=0))  # TTA: the mean, as written
         return batch
 
     for d in decoded_stream(files, spec=spec, cache_dir=cache_dir, workers=workers, display_max=display_max, expect=expect, pool=pool):

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 
 from medres.config import Config, dump_config
 from medres.data.dataset import epoch_loader, open_store, stream
-from medres.data.manifest import Manifest, load_manifest
+from medres.data.manifest import Manifest
+from medres.data.selection import select_rows
 from medres.data.splits import assign_splits, audit_leakage, splits_frame
 from medres.data.store import ImageStore
 from medres.data.transforms import AugmentSpec, augment
-from medres.errors import ConfigInvalid, ManifestInvalid, NonFiniteLoss, TrainingError
+from medres.errors import ManifestInvalid, NonFiniteLoss, TrainingError
 from medres.files import atomic_path, atomic_write, csv_text
 from medres.inference import Predictor, autocast, normalise, resolve_device, resolve_precision, to_probs
 from medres.io import PreprocessSpec
@@ -69,8 +70,11 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _loss_fn(cfg: Config, y_train: np.ndarray, device: torch.device):
+    """Cross-entropy (multiclass) or binary cross-entropy per label (multilabel) averaged over the
+    labelled entries only: a NaN target (missing, or uncertain under `ignore`) adds nothing to the loss
+    or its gradient."""
     task = cfg.data.task
-    counts = y_train.sum(0)
+    counts = np.nansum(y_train, 0)
     if task == "multiclass":
         weight = None
         if cfg.train.balance == "weights":
@@ -83,12 +87,14 @@ def _loss_fn(cfg: Config, y_train: np.ndarray, device: torch.device):
         return loss
     pos_weight = None
     if cfg.train.balance == "weights":
-        pw = (len(y_train) - counts) / np.maximum(counts, 1)
-        pos_weight = torch.tensor(np.clip(pw, 1.0, 50.0), dtype=torch.float32, device=device)
+        negatives = (~np.isnan(y_train)).sum(0) - counts
+        pos_weight = torch.tensor(np.clip(negatives / np.maximum(counts, 1), 1.0, 50.0), dtype=torch.float32, device=device)
 
     def loss_ml(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        t = target * (1 - cfg.train.label_smoothing) + 0.5 * cfg.train.label_smoothing
-        return F.binary_cross_entropy_with_logits(logits.float(), t, pos_weight=pos_weight)
+        labelled = ~torch.isnan(target)
+        t = torch.nan_to_num(target) * (1 - cfg.train.label_smoothing) + 0.5 * cfg.train.label_smoothing
+        each = F.binary_cross_entropy_with_logits(logits.float(), t, pos_weight=pos_weight, reduction="none")
+        return (each * labelled).sum() / labelled.sum().clamp(min=1)
 
     return loss_ml
 
@@ -97,7 +103,8 @@ def _epoch_order(n_train: int, y_train: np.ndarray, cfg: Config, epoch: int, ran
     """Indices for one epoch, a pure function of (seed, epoch): resume replays it exactly."""
     rng = np.random.default_rng([cfg.train.seed, epoch])
     if cfg.train.balance == "sampler":
-        cls = y_train.argmax(1) if cfg.data.task == "multiclass" else np.argmax(y_train + 1e-3 * rng.random(y_train.shape), 1)
+        known = np.nan_to_num(y_train)  # masked labels weigh nothing in the sampler's class choice
+        cls = known.argmax(1) if cfg.data.task == "multiclass" else np.argmax(known + 1e-3 * rng.random(known.shape), 1)
         freq = np.bincount(cls, minlength=y_train.shape[1]).astype(float)
         w = 1.0 / freq[cls]
         order = rng.choice(n_train, size=n_train, replace=True, p=w / w.sum())
@@ -142,11 +149,8 @@ def _backbone_bn_eval(model: torch.nn.Module) -> None:
 
 
 def load_training_manifest(cfg: Config) -> Manifest:
-    if cfg.data.manifest is None:
-        raise ConfigInvalid("data.manifest is required for training")
-    if not cfg.data.classes:
-        raise ConfigInvalid("data.classes must list the class names")
-    return load_manifest(cfg.data.manifest, classes=cfg.data.classes, task=cfg.data.task, root=cfg.data.root)
+    """The rows the run trains on (`data/selection.py`: manifests merged, views and filters applied)."""
+    return select_rows(cfg.data).manifest
 
 
 def training_store(cfg: Config, manifest: Manifest) -> ImageStore:
@@ -157,7 +161,8 @@ def prepare_data(cfg: Config, out: Path | None, *, progress=None, manifest: Mani
     """Manifest → splits → every row in the on-disk store (built or resumed once, reused after) →
     leakage audit on the stored content digests. Rank 0 writes splits.csv and skipped.csv."""
     manifest = manifest if manifest is not None else load_training_manifest(cfg)
-    splits = assign_splits(manifest, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed, group_by=cfg.data.group_by)
+    splits = assign_splits(manifest, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed,
+                           group_by=cfg.data.group_by, split_column=cfg.data.split_column)
     store = training_store(cfg, manifest)
     stats = store.ensure(workers=cfg.train.num_workers, progress=progress)
     log.info("image store %s: %d rows decoded, %d reused (%.1fs)", store.folder, stats.decoded, stats.reused, stats.seconds)
@@ -228,12 +233,14 @@ def _fit(cfg: Config, out: Path, *, resume: bool, show_progress: bool) -> dict:
         torch.cuda.set_device(device)
     # Mistakes a user fixes by editing the config or the manifest fail here, before a run folder
     # is made for them.
-    manifest = load_training_manifest(cfg)
+    selection = select_rows(cfg.data)
+    manifest = selection.manifest
     source = load_source_weights(cfg.model.weights)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _attach_log(out / "train.log")
         write_run_config(cfg, out)
+        write_selection(out, selection)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.train.seed)
@@ -309,9 +316,10 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
     if len(train_rows) == 0:
         raise ManifestInvalid(f"{manifest.source}: no usable training images")
     y = manifest.targets
-    if (y[train_rows].sum(0) == 0).any():
-        absent = [c for c, n in zip(cfg.data.classes, y[train_rows].sum(0)) if n == 0]
-        raise ManifestInvalid(f"{manifest.source}: class {absent[0]!r} has no training images")
+    positives = np.nansum(y[train_rows], 0)
+    if (positives == 0).any():
+        absent = [c for c, n in zip(cfg.data.classes, positives) if n == 0]
+        raise ManifestInvalid(f"{manifest.source}: class {absent[0]!r} has no positive training images ({len(train_rows)} training rows)")
 
     model = build_model(len(cfg.data.classes), in_channels=cfg.model.in_channels, dropout=cfg.model.dropout)
     if source is not None:
@@ -341,7 +349,7 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
     meta = ModelMeta(
         classes=list(cfg.data.classes), task=cfg.data.task, preprocess=asdict(preprocess_spec(cfg)), mean=mean, std=std,
         in_channels=cfg.model.in_channels, dropout=cfg.model.dropout, config_sha256=cfg.digest(),
-        manifest_sha256=file_digest(Path(cfg.data.manifest)), weights_source=source.origin if source else "none", weights_sha256=source.sha256 if source else None,
+        manifest_sha256=manifests_digest(cfg.data.manifests), weights_source=source.origin if source else "none", weights_sha256=source.sha256 if source else None,
         store_dtype=cfg.data.store_dtype,
     )
     return _Run(
@@ -472,3 +480,22 @@ def _attach_log(path: Path) -> None:
 
 def write_run_config(cfg: Config, out: Path) -> None:
     atomic_write(out / "config.yaml", dump_config(cfg))
+
+
+def write_selection(out: Path, selection) -> None:
+    """What the run selected and how many rows each step removed, plus the label states per class."""
+    m = selection.manifest
+    for line in selection.summary():
+        log.info("selection: %s", line)
+    info = {"steps": selection.steps, "rows": len(m), "label_states": m.label_counts() if m.states is not None else None}
+    atomic_write(out / "selection.json", json.dumps(info, indent=2))
+
+
+def manifests_digest(paths: list[Path]) -> str:
+    """sha256 of the training manifest (of each, in order, when several are merged)."""
+    digests = [file_digest(Path(p)) for p in paths]
+    if len(digests) == 1:
+        return digests[0]
+    import hashlib
+
+    return hashlib.sha256("|".join(digests).encode()).hexdigest()

@@ -48,7 +48,8 @@ def test_build_and_check(tmp_path):
         (tmp_path / "data" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((4, 4), 50 * i + 10, np.uint8)).save(tmp_path / "data" / cls / f"p{i}_{cls}.png")
-    df = build_manifest(tmp_path / "data")
+    df, skipped = build_manifest(tmp_path / "data")
+    assert skipped == []
     assert len(df) == 6 and set(df["label"]) == {"normal", "covid"}
     p = tmp_path / "data" / "manifest.csv"
     df.to_csv(p, index=False)

@@ -9,13 +9,24 @@ from medres.data.manifest import Manifest
 from medres.errors import LeakageDetected, ManifestInvalid
 
 
-def assign_splits(manifest: Manifest, *, val_fraction: float, test_fraction: float, seed: int, group_by: str = "patient_id") -> np.ndarray:
+# How archives name their splits (MIMIC-CXR: validate; CheXpert: valid).
+_OFFICIAL = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test", "": ""}
+
+
+def assign_splits(manifest: Manifest, *, val_fraction: float, test_fraction: float, seed: int, group_by: str = "patient_id",
+                  split_column: str | None = None) -> np.ndarray:
     """Return an array of 'train'/'val'/'test'. An explicit `split` column wins.
 
     Patients are grouped (all images of a patient share a split), stratified by each patient's
     rarest label, shuffled with `seed`, and allocated per stratum so every class reaches every
     split when it has enough patients.
+
+    `split_column` (an archive's official split, `data.split_column`): its val and test rows stay
+    where the archive put them; its train (and blank) rows lend `val_fraction` of their patients to val
+    when the archive has no val rows, and `test_fraction` to test when it has no test rows.
     """
+    if split_column:
+        return _official_splits(manifest, split_column, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, group_by=group_by)
     df = manifest.frame
     if "split" in df.columns and (df["split"] != "").all():
         return df["split"].to_numpy(dtype=object)
@@ -23,7 +34,7 @@ def assign_splits(manifest: Manifest, *, val_fraction: float, test_fraction: flo
         raise ManifestInvalid(f"{manifest.source}: data.group_by column {group_by!r} not in the manifest")
     groups = df[group_by].to_numpy()
     rng = np.random.default_rng(seed)
-    prevalence = manifest.targets.sum(0) + 1e-9
+    prevalence = np.nansum(manifest.targets, 0) + 1e-9
     # Each patient's stratum: its rarest positive class (or "none").
     strata: dict[str, int] = {}
     for g, y in zip(groups, manifest.targets):
@@ -48,6 +59,25 @@ def assign_splits(manifest: Manifest, *, val_fraction: float, test_fraction: flo
     if "split" in df.columns:  # partially filled column: explicit values win
         explicit = df["split"].to_numpy(dtype=object)
         out = np.where(explicit != "", explicit, out)
+    return out
+
+
+def _official_splits(manifest: Manifest, column: str, *, val_fraction: float, test_fraction: float, seed: int, group_by: str) -> np.ndarray:
+    if column not in manifest.frame.columns:
+        raise ManifestInvalid(f"{manifest.source}: data.split_column {column!r} is not a column of the manifest")
+    raw = manifest.frame[column].astype(str).str.strip().str.lower()
+    unknown = sorted(set(raw) - set(_OFFICIAL))
+    if unknown:
+        raise ManifestInvalid(f"{manifest.source}: column {column!r} has {unknown[0]!r}; use train, val (valid, validate) or test")
+    official = raw.map(_OFFICIAL).to_numpy(dtype=object)
+    pool = (official == "train") | (official == "")
+    has_val, has_test = (official == "val").any(), (official == "test").any()
+    out = official.copy()
+    if pool.any():
+        sub = manifest.subset(pool)
+        sub.frame = sub.frame.drop(columns=["split"], errors="ignore")
+        out[pool] = assign_splits(sub, val_fraction=0.0 if has_val else val_fraction, test_fraction=0.0 if has_test else test_fraction,
+                                  seed=seed, group_by=group_by)
     return out
 
 
