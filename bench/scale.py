@@ -91,7 +91,7 @@ import json, sys, time
 from medres.data.manifest import load_manifest
 from medres.data.dataset import manifest_items
 from medres.io import PreprocessSpec
-from medres.predict import InputFile, decoded_stream
+from medres.scoring import InputFile, decoded_stream
 m = load_manifest(sys.argv[1], classes=["normal", "opacity"], task="multiclass")
 files = [InputFile(full, shown) for full, shown in manifest_items(m)]
 t0 = time.perf_counter()

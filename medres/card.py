@@ -15,6 +15,7 @@ import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import yaml
@@ -22,6 +23,9 @@ import yaml
 from medres.errors import UsageError
 from medres.files import atomic_write
 from medres.model import load_checkpoint, sha256_of
+
+if TYPE_CHECKING:
+    from medres.run import RunDir
 
 RUO = "Research use only — not for diagnosis or any clinical decision."
 SECTIONS = ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
@@ -70,30 +74,42 @@ def _versions() -> list[str]:
     return out
 
 
-def data_counts(run: Path, manifest: Path | None) -> tuple[pd.DataFrame, str | None]:
-    """Images per class × source × split (source: the manifest's `source` or `site` column if any)."""
-    splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
-    if manifest is None or not Path(manifest).is_file():
-        return splits.groupby("split").size().rename("images").reset_index(), None
-    from medres.data.manifest import read_csv
+def data_counts(run: "RunDir") -> tuple[pd.DataFrame, str | None]:
+    """Images per split × class (multiclass) × source (the manifest's `source` or `site` column if any),
+    over the rows the run selected."""
+    from medres.errors import MedresError
 
-    man = read_csv(Path(manifest))
-    label_col = "label" if "label" in man.columns else "labels" if "labels" in man.columns else None
-    source = next((c for c in ("source", "site") if c in man.columns), None)
-    keep = ["path"] + ([label_col] if label_col else []) + ([source] if source else [])
-    merged = splits.merge(man[keep].astype(str), on="path", how="left")
-    by = (["split"] + ([label_col] if label_col else []) + ([source] if source else []))
-    table = merged.groupby(by).size().rename("images").reset_index()
-    return table.rename(columns={label_col: "class"} if label_col else {}), source
+    splits = run.splits()
+    try:
+        man = run.manifest()
+    except (MedresError, OSError):  # the training manifest moved or changed since: counts by split only
+        return splits.groupby("split").size().rename("images").reset_index(), None
+    frame = man.frame.copy()
+    by = ["split"]
+    if man.task == "multiclass":
+        frame["class"] = [man.classes[int(i)] for i in man.targets.argmax(1)]
+        by.append("class")
+    source = next((c for c in ("source", "site") if c in frame.columns), None)
+    if source:
+        by.append(source)
+    return frame.groupby(by).size().rename("images").reset_index(), source
+
+
+def label_states_table(run: "RunDir") -> list[list]:
+    """Per class: positive / negative / uncertain / missing rows (multilabel runs on per-class columns)."""
+    sel = run.selection() or {}
+    states = sel.get("label_states") or {}
+    return [[c, v["positive"], v["negative"], v["uncertain"], v["missing"]] for c, v in states.items()]
 
 
 def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
-    run = Path(run)
-    ckpt = run / "model.safetensors"
-    if not ckpt.is_file():
-        raise UsageError(f"--run {run}: no model.safetensors (is it a medres run folder?)")
+    from medres.run import RunDir
+
+    rd = RunDir.open(run)
+    run = rd.folder
+    ckpt = rd.checkpoint
     _, meta = load_checkpoint(ckpt)
-    cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) if (run / "config.yaml").is_file() else {}
+    cfg = yaml.safe_load(rd.path("config.yaml").read_text(encoding="utf-8"))
     ev = None
     if eval_dir is not None:
         path = Path(eval_dir) / "metrics.json"
@@ -101,7 +117,7 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
             raise UsageError(f"--eval {eval_dir}: no metrics.json (run medres evaluate --run {run} --out {eval_dir} first)")
         ev = json.loads(path.read_text(encoding="utf-8"))
     manifest = cfg.get("data", {}).get("manifest")
-    counts, source = data_counts(run, Path(manifest) if manifest else None)
+    counts, source = data_counts(rd)
     s = {t: Section(t) for t in SECTIONS}
 
     d = s["Model details"]
@@ -153,9 +169,19 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
         e.p("No evaluation given (medres card --eval EVAL_DIR).")
 
     t = s["Training data"]
-    t.p(f"Manifest {Path(manifest).name if manifest else 'n/a'}; patients never cross splits ({cfg.get('data', {}).get('group_by', 'patient_id')}). "
+    names = ", ".join(Path(m).name for m in (manifest if isinstance(manifest, list) else [manifest])) if manifest else "n/a"
+    t.p(f"Manifest {names}; patients never cross splits ({cfg.get('data', {}).get('group_by', 'patient_id')}). "
         + (f"Counts by split, class and {source}:" if source else "Counts by split and class:"))
     t.table(list(counts.columns), counts.values.tolist())
+    selection = rd.selection()
+    if selection:
+        t.p("Row selection (data.manifest, data.views, data.filter, labelled rows), step by step:")
+        t.table(["step", "removed", "rows left"], [[st["step"], st["removed"], st["remaining"]] for st in selection["steps"]])
+    states = label_states_table(rd)
+    if states:
+        uncertain = cfg.get("data", {}).get("uncertain", "ignore")
+        t.p(f"Label states as the manifest gave them (uncertain policy: {uncertain}; missing labels, and uncertain ones under ignore, are masked):")
+        t.table(["class", "positive", "negative", "uncertain", "missing"], states)
 
     q = s["Quantitative analyses"]
     if ev:

@@ -35,16 +35,16 @@ def run_demo(out: str | Path, *, config: str | Path | None = None, overrides: li
         shutil.rmtree(run)
     fit(cfg, run, show_progress=show_progress)
     print("[3/5] evaluating on the held-out phantom split")
-    result = evaluate(run / "model.safetensors", manifest, out / "eval", split="test", splits_csv=run / "splits.csv", by=["site"], bootstrap=cfg.eval.bootstrap, store_dir=cfg.data.store_dir)
+    from medres.run import RunDir, split_rows
+
+    rd = RunDir.open(run)
+    rows = rd.manifest()  # the run's own rows with their splits
+    result = evaluate(rd.checkpoint, rows, out / "eval", split="test", by=["site"], bootstrap=cfg.eval.bootstrap, store_dir=cfg.data.store_dir)
     from medres.card import write_card
 
     card_md, card_html = write_card(run, run / "model_card.md", out / "eval")
     print(f"      model card: {card_md} and {card_html}")
-    import pandas as pd
-
-    splits = pd.read_csv(run / "splits.csv")
-    test = pd.read_csv(manifest)
-    test = test[test["path"].isin(splits.loc[splits["split"] == "test", "path"])]
+    test = rows.frame.iloc[split_rows(rows, "test")].drop(columns=["split"])
     test_manifest = data / "test_manifest.csv"  # beside the images: its paths are relative to it
     test.to_csv(test_manifest, index=False)
     print("[4/5] batch scoring the test split")

@@ -1,7 +1,8 @@
-"""Generated reference sections of README.md (CLI, config keys, error codes), so they cannot drift.
+"""Generated reference sections (CLI, config keys, error codes, the harmonised label table), so they
+cannot drift: marked blocks in docs/reference.md and README.md.
 
-    python -m medres.docs README.md      # rewrite the marked blocks in place
-A test regenerates them and compares with the committed README.
+    python -m medres.docs docs/reference.md README.md      # rewrite the marked blocks in place
+A test regenerates them and compares with the committed files.
 """
 
 from __future__ import annotations
@@ -91,10 +92,23 @@ _ERROR_HELP = {
     "CHECKPOINT_INVALID": "truncated/corrupt checkpoint, pickle with code, not a medres checkpoint",
     "TRAINING_FAILED": "training could not continue",
     "NON_FINITE_LOSS": "non-finite loss at epoch E step S (the last good checkpoint is kept)",
-    "EXPORT_PARITY": "ONNX export differs from torch by more than 1e-4",
+    "EXPORT_PARITY": "ONNX export differs from torch beyond its tolerance (fp32 1e-4; int8 max |Δprob| 0.1)",
+    "REJECTED": "base class of the input gate's refusals (status rejected: readable, but the model does not answer)",
+    "UNEXPECTED_MODALITY": "DICOM Modality not among the expected ones (learnt from the training headers, or --expect modality=...)",
+    "UNEXPECTED_BODY_PART": "DICOM BodyPartExamined not among the expected ones (--expect body_part=...)",
+    "UNEXPECTED_VIEW": "DICOM ViewPosition not among the expected ones (--expect view=...)",
+    "OUT_OF_DISTRIBUTION": "OOD score above the checkpoint's threshold with --gate reject (with --gate flag the row is scored and marked)",
+    "INT8_UNSUPPORTED": "--precision int8 on a CPU without AVX2/VNNI/AMX or ARM dot-product, or on CUDA",
+    "ARCHIVE_INVALID": "manifest import: an archive file missing, a column missing, a malformed row (file:line)",
 }
 
-BLOCKS = {"cli": cli_reference_md, "config": config_reference_md, "errors": error_codes_md}
+def labels_md() -> str:
+    from medres.archives.vocabulary import table_md
+
+    return table_md()
+
+
+BLOCKS = {"cli": cli_reference_md, "config": config_reference_md, "errors": error_codes_md, "labels": labels_md}
 
 
 def render(text: str) -> str:
@@ -105,5 +119,6 @@ def render(text: str) -> str:
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    path.write_text(render(path.read_text(encoding="utf-8")), encoding="utf-8")
+    for arg in sys.argv[1:] or ["docs/reference.md", "README.md"]:
+        path = Path(arg)
+        path.write_text(render(path.read_text(encoding="utf-8")), encoding="utf-8")

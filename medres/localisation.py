@@ -53,8 +53,9 @@ def held_out_lesions(manifest: str | Path, run: str | Path, label: str = "opacit
 
     manifest, run = Path(manifest), Path(run)
     model, meta = load_checkpoint(run / "model.safetensors")
-    splits = pd.read_csv(run / "splits.csv")
-    df = pd.read_csv(manifest).merge(splits[["path", "split"]], on="path")
+    from medres.run import RunDir
+
+    df = pd.read_csv(manifest).merge(RunDir.open(run).splits()[["path", "split"]], on="path")
     pos = df[(df["label"] == label) & (df["split"] != "train")]
     spec = PreprocessSpec.from_dict(meta.preprocess)
     xs, masks = [], []

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medres.errors import ExportParityError, Int8Unsupported, UsageError
+from medres.errors import ExportParityError, Int8Unsupported, MedresError, UsageError
 from medres.files import atomic_path
 from medres.model import ModelMeta, ResNet50, load_checkpoint
 
@@ -109,19 +109,21 @@ def calibration_files(checkpoint: Path, source: str | Path | None, count: int) -
     if source is not None:
         files, described = discover([source]), str(source)
     else:
-        run = checkpoint.parent
-        if not (run / "splits.csv").exists() or not (run / "config.yaml").exists():
-            raise UsageError(f"{checkpoint}: no run folder beside it (splits.csv, config.yaml) to take validation images from; pass --calibration FOLDER_OR_MANIFEST")
-        import pandas as pd
-        import yaml
+        from medres.run import RunDir, split_rows
 
-        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("data", {})
-        from medres.files import resolve_under_root
-
-        root = Path(data.get("root") or Path(data["manifest"]).parent)
-        splits = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
-        val = sorted(splits.loc[splits["split"] == "val", "path"])
-        files, described = [InputFile(str(resolve_under_root(root, p)), p) for p in val], f"{run / 'splits.csv'} (split val)"
+        try:
+            run = RunDir.open(checkpoint.parent)
+        except UsageError:
+            raise UsageError(f"{checkpoint}: no run folder beside it (splits.csv, config.yaml) to take validation images from; pass --calibration FOLDER_OR_MANIFEST") from None
+        manifest = run.manifest()
+        files = []
+        for i in split_rows(manifest, "val"):
+            try:
+                files.append(InputFile(str(manifest.absolute(i)), manifest.frame["path"].iloc[i]))
+            except MedresError as err:
+                files.append(InputFile("", manifest.frame["path"].iloc[i], err.one_line()))
+        files.sort(key=lambda f: f.shown)
+        described = f"{run.path('splits.csv')} (split val)"
     files = [f for f in files if not f.error]
     if not files:
         raise UsageError(f"no calibration images in {described}")

@@ -96,7 +96,7 @@ def test_curves_keep_the_last_record_of_a_resumed_epoch(tmp_path):
 def test_card_refuses_a_folder_that_is_not_a_run(tmp_path):
     from medres.errors import UsageError
 
-    with pytest.raises(UsageError, match="no model.safetensors"):
+    with pytest.raises(UsageError, match="not a medres run folder"):
         write_card(tmp_path, tmp_path / "card.md")
 
 

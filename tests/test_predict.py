@@ -245,7 +245,7 @@ def test_monai_bundle_loads_with_monai_and_matches_predict(trained_run, phantoms
     bundle = tmp_path / "bundle"
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "normal", "1": "opacity", "2": "diffuse"}
-    assert meta["medres"]["preprocess"]["image_size"] == 64
+    assert meta["medres"]["preprocess"]["image_size"] == 96
     _, embedded, _ = load_net_with_metadata(str(bundle / "models" / "model.ts"))
     assert embedded["medres"]["classes"] == ["normal", "opacity", "diffuse"]
     parser = ConfigParser()

@@ -52,7 +52,7 @@ def built(trained_run, inputs, tmp_path_factory):
 def test_pages_parse_and_links_resolve(built):
     out, summary = built
     assert summary["cases"] == 6 and summary["failed"] == 1
-    assert summary["map_cells"] == [2, 2]  # layer4 at 64 px: the report says how coarse its maps are
+    assert summary["map_cells"] == [3, 3]  # layer4 at 96 px: the report says how coarse its maps are
     pages = [out / "index.html"] + sorted((out / "cases").glob("*.html"))
     assert len(pages) == 6
     for page in pages:
@@ -209,13 +209,13 @@ def test_identifiers_only_on_request(trained_run, inputs, tmp_path):
 
 
 def test_coarse_maps_are_flagged(trained_run, inputs, tmp_path, caplog):
-    """A 64 px model's layer4 maps are 2×2: the log says so and suggests a shallower layer; layer3
-    (4×4) is accepted and reported as such."""
+    """A 96 px model's layer4 maps are 3×3: the log says so and suggests a shallower layer; layer3
+    (6×6) is accepted and reported as such."""
     with caplog.at_level(logging.WARNING, logger="medres"):
         report(trained_run / "model.safetensors", [inputs / "wide.png"], tmp_path / "l4")
-    assert any("2×2 heatmaps at 64 px" in r.getMessage() and "--layer layer3" in r.getMessage() for r in caplog.records)
+    assert any("3×3 heatmaps at 96 px" in r.getMessage() and "--layer layer3" in r.getMessage() for r in caplog.records)
     summary = report(trained_run / "model.safetensors", [inputs / "wide.png"], tmp_path / "l3", layer="layer3")
-    assert summary["map_cells"] == [4, 4] and "layer3 (4×4 cells)" in (tmp_path / "l3" / "index.html").read_text()
+    assert summary["map_cells"] == [6, 6] and "layer3 (6×6 cells)" in (tmp_path / "l3" / "index.html").read_text()
 
 
 def test_multilabel_report_maps_every_positive_label(phantoms, tmp_path):
