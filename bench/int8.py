@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--model-images", type=int, default=256, help="images per model-only measurement")
     args = ap.parse_args()
     from medres.export import export_onnx
-    from medres.inference import OnnxPredictor, Predictor, cpu_supports_bf16
+    from medres.inference import Predictor, cpu_supports_bf16
+    from medres.onnx import OnnxPredictor
     from medres.metrics import macro_auroc
     from medres.model import load_checkpoint
     from medres.predict import predict

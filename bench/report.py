@@ -24,7 +24,7 @@ def int8_rate(model, args) -> float:
     from PIL import Image
 
     from medres.cam import cam_from_features
-    from medres.inference import OnnxPredictor
+    from medres.onnx import OnnxPredictor
     from medres.model import ModelMeta, save_checkpoint
     from medres.quantize import export_int8
 

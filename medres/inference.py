@@ -4,7 +4,6 @@ probabilities. Used by train (validation), evaluate, predict and report alike.""
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -139,51 +138,6 @@ class Predictor:
         """Batches of (B, H, W) pixels (e.g. streamed from the image store) → (N, C) logits."""
         out = [self.logits(b) for b in batches]
         return np.concatenate(out) if out else np.zeros((0, len(self.meta.classes)), dtype=np.float32)
-
-    def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        return output_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)
-
-
-class OnnxPredictor:
-    """The `Predictor` interface over an ONNX Runtime session: `medres export` files (fp32, or int8 from
-    `--quantize int8`), with the checkpoint's own normalisation and calibration. Files exported before
-    the `features` output existed score without the OOD gate (features None)."""
-
-    def __init__(self, path, meta: ModelMeta, *, precision: str = "fp32"):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the threads torch would use for the model
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.meta = meta
-        self.device = torch.device("cpu")
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.input = self.session.get_inputs()[0].name
-        self.dtype = precision  # what speed reports print
-        props = self.session.get_modelmeta().custom_metadata_map
-        # int8 files carry an OOD threshold refitted on their own features (quantize._int8_gate).
-        self.ood_threshold = json.loads(props["medres.ood"])["threshold"] if "medres.ood" in props else None
-
-    def _run(self, pixels: torch.Tensor, names: list[str]) -> list[np.ndarray]:
-        x = normalise(pixels.float(), self.meta.mean, self.meta.std, self.meta.in_channels).contiguous().numpy()
-        return self.session.run(names, {self.input: x})
-
-    def logits(self, pixels: torch.Tensor) -> np.ndarray:
-        return self._run(pixels, self.outputs[:1])[0]
-
-    def logits_and_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        if "features" not in self.outputs:
-            return self.logits(pixels), None
-        logits, features = self._run(pixels, [self.outputs[0], "features"])
-        return logits, features
-
-    def maps(self, pixels: torch.Tensor) -> np.ndarray:
-        """layer4 feature maps (B, 2048, h, w) for Grad-CAM (`cam.cam_from_features`)."""
-        if "maps" not in self.outputs:
-            from medres.errors import UsageError
-
-            raise UsageError("this ONNX file has no layer4 maps output (exported by an older medres): export it again for report --precision int8")
-        return self._run(pixels, ["maps"])[0]
 
     def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
         return output_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)

@@ -24,7 +24,8 @@ from medres.cam import CamResult, cam_from_features, compute_cam, find_layer, oc
 from medres.errors import NoInputs, UsageError
 from medres.gate import ood_refusal
 from medres.files import atomic_path, atomic_write
-from medres.inference import OnnxPredictor, Predictor
+from medres.inference import Predictor
+from medres.onnx import OnnxPredictor
 from medres.io import Geometry, PreprocessSpec
 from medres.metrics import predict_labels
 from medres.model import CAM_LAYER, load_checkpoint

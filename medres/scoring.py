@@ -216,11 +216,11 @@ def scorer_for(checkpoint, model, meta, *, device: str = "auto", precision: str 
     """The model that scores a batch: torch (`Predictor`, fp32/bf16/fp16), or ONNX Runtime
     (`OnnxPredictor`) for `--backend onnx` and for `--precision int8` (the quantized file beside the
     checkpoint unless `onnx_path` names one). Both give logits and the gate's features in one pass."""
-    from medres.inference import OnnxPredictor, Predictor
+    from medres.inference import Predictor
 
     if precision != "int8" and backend != "onnx":
         return Predictor.create(model, meta, device=device, precision=precision)
-    from medres.quantize import check_onnx_matches, default_int8_path, require_int8_cpu, require_onnxruntime
+    from medres.onnx import OnnxPredictor, check_onnx_matches, default_int8_path, require_int8_cpu, require_onnxruntime
 
     require_onnxruntime("--precision int8" if precision == "int8" else "--backend onnx")
     if precision == "int8":

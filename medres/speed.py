@@ -41,7 +41,7 @@ def machine() -> dict:
 
 
 def _int8_isa() -> str | None:
-    from medres.quantize import int8_isa
+    from medres.onnx import int8_isa
 
     return int8_isa()
 

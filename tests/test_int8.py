@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime")
 
 from medres.cli import app  # noqa: E402
-from medres import quantize  # noqa: E402
+from medres import onnx as onnx_io  # noqa: E402
 
 runner = CliRunner()
 INT8_TOLERANCE = 0.05  # max |Δprob| int8 vs fp32 stated in the README (real models: 0.02–0.05)
@@ -32,7 +32,7 @@ def int8_run(trained_run, tmp_path_factory):
 
 
 def test_int8_model_records_its_calibration_and_weights(int8_run):
-    props = quantize.read_onnx_meta(int8_run / "model.int8.onnx")
+    props = onnx_io.read_onnx_meta(int8_run / "model.int8.onnx")
     assert props["medres.precision"] == "int8"
     cal = json.loads(props["medres.calibration"])
     splits = pd.read_csv(int8_run / "splits.csv")
@@ -42,7 +42,7 @@ def test_int8_model_records_its_calibration_and_weights(int8_run):
     assert settings["format"] == "QDQ" and "reduce_range" in settings["weights"]
     from medres.model import load_checkpoint
 
-    assert props["medres.weights_digest"] == quantize.weights_digest(load_checkpoint(int8_run / "model.safetensors")[0])
+    assert props["medres.weights_digest"] == onnx_io.weights_digest(load_checkpoint(int8_run / "model.safetensors")[0])
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(int8_run / "model.int8.onnx")).graph.node}
@@ -50,7 +50,7 @@ def test_int8_model_records_its_calibration_and_weights(int8_run):
 
 
 def test_predict_int8_end_to_end_matches_fp32(int8_run, phantoms, tmp_path, monkeypatch):
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2"})  # the same path on any CI CPU
+    monkeypatch.setattr(onnx_io, "cpu_flags", lambda: {"avx2"})  # the same path on any CI CPU
     images = phantoms.parent / "images"
     ckpt = str(int8_run / "model.safetensors")
     for precision in ("fp32", "int8"):
@@ -64,7 +64,7 @@ def test_predict_int8_end_to_end_matches_fp32(int8_run, phantoms, tmp_path, monk
     assert diff.max() > 0  # a different computation, not the fp32 model under another name
     # The OOD gate runs on the int8 model's own features, against the threshold refitted on them at
     # export (the same quantile of the validation images' scores).
-    gate = json.loads(quantize.read_onnx_meta(int8_run / "model.int8.onnx")["medres.ood"])
+    gate = json.loads(onnx_io.read_onnx_meta(int8_run / "model.int8.onnx")["medres.ood"])
     assert b["ood_score"].notna().all()
     assert ((b["ood_score"] <= gate["threshold"]).astype(int) == b["in_distribution"]).all()
     from sklearn.metrics import roc_auc_score
@@ -79,18 +79,18 @@ def test_calibration_source_and_count(trained_run, phantoms, tmp_path):
     r = runner.invoke(app, ["export", "--checkpoint", str(trained_run / "model.safetensors"), "--quantize", "int8", "--out", str(out),
                             "--calibration", str(phantoms), "--calibration-count", "6"])
     assert r.exit_code == 0, r.output
-    cal = json.loads(quantize.read_onnx_meta(out)["medres.calibration"])
+    cal = json.loads(onnx_io.read_onnx_meta(out)["medres.calibration"])
     manifest = pd.read_csv(phantoms)
     assert cal["count"] == 6 and set(cal["files"]) <= set(manifest["path"]) and cal["source"] == str(phantoms)
 
 
 def test_int8_isa_choice_and_refusal(int8_run, phantoms, tmp_path, monkeypatch):
-    assert quantize.int8_isa({"sse4_2", "avx2", "avx512_vnni"}) == "avx512_vnni"
-    assert quantize.int8_isa({"avx2", "amx_int8", "avx_vnni"}) == "amx_int8"
-    assert quantize.int8_isa({"fp", "asimd", "asimddp"}) == "asimddp"
-    monkeypatch.setattr(quantize.platform, "system", lambda: "Linux")
-    assert quantize.int8_isa({"sse4_2", "avx"}) is None
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"sse4_2", "avx"})
+    assert onnx_io.int8_isa({"sse4_2", "avx2", "avx512_vnni"}) == "avx512_vnni"
+    assert onnx_io.int8_isa({"avx2", "amx_int8", "avx_vnni"}) == "amx_int8"
+    assert onnx_io.int8_isa({"fp", "asimd", "asimddp"}) == "asimddp"
+    monkeypatch.setattr(onnx_io.platform, "system", lambda: "Linux")
+    assert onnx_io.int8_isa({"sse4_2", "avx"}) is None
+    monkeypatch.setattr(onnx_io, "cpu_flags", lambda: {"sse4_2", "avx"})
     r = runner.invoke(app, ["predict", "--checkpoint", str(int8_run / "model.safetensors"), str(phantoms.parent / "images"), "--out", str(tmp_path / "p.csv"), "-q", "--precision", "int8"])
     assert r.exit_code == 2
     assert "[INT8_UNSUPPORTED]" in r.output and "AVX2" in r.output and "--precision fp32" in r.output
@@ -102,7 +102,7 @@ def test_int8_refuses_missing_or_foreign_model(int8_run, phantoms, tmp_path, mon
 
     from medres.model import load_checkpoint, save_checkpoint
 
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(onnx_io, "cpu_flags", lambda: {"avx2"})
     images = str(phantoms.parent / "images")
     # No int8 file beside this checkpoint: the message says how to make it, and where it goes.
     model, meta = load_checkpoint(int8_run / "model.safetensors")
@@ -136,11 +136,12 @@ def test_report_int8_explains_from_the_int8_maps(int8_run, phantoms, tmp_path, m
     import torch
 
     from medres.cam import cam_from_features, compute_cam
-    from medres.inference import OnnxPredictor, Predictor
+    from medres.inference import Predictor
+    from medres.onnx import OnnxPredictor
     from medres.io import PreprocessSpec, load_image
     from medres.model import load_checkpoint
 
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(onnx_io, "cpu_flags", lambda: {"avx2"})
     images = sorted((phantoms.parent / "images").glob("*.png"))[:6]
     ckpt = str(int8_run / "model.safetensors")
     r = runner.invoke(app, ["report", "--checkpoint", ckpt, *map(str, images), "--out", str(tmp_path / "r"), "--precision", "int8"])
