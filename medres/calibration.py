@@ -3,7 +3,8 @@
 - temperature scaling and operating points (validation; `inference.calibrate_meta`),
 - conformal prediction sets at `eval.coverage` (validation; `conformal.py`),
 - the input gate: header expectations from the training images' DICOM tags, and the OOD detector on
-  the training images' penultimate features with its threshold from validation (`gate.py`).
+  the training images' penultimate features with its threshold from validation (`gate.py`),
+- the folder-level shift reference: validation probabilities and reduced features (`shift.py`).
 
 `train` runs it at the end; `medres calibrate` re-runs it on any checkpoint (older ones gain the gate).
 """
@@ -22,6 +23,7 @@ from medres.data.store import ImageStore
 from medres.gate import OodDetector, header_profile
 from medres.inference import Predictor, calibrate_meta, to_probs
 from medres.model import load_checkpoint, save_checkpoint
+from medres.shift import ShiftReference
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,9 @@ def calibrate_checkpoint(
     result["conformal"] = meta.conformal
     meta.expect = header_profile(store.headers(train_rows)) or None
     result["expect"] = meta.expect
-    extra = {}
+    reference = ShiftReference.fit(to_probs(logits_val, meta.task, meta.temperature), y_val, feats_val, meta.task, seed=seed)
+    meta.shift = reference.info()
+    extra = reference.tensors()
     if ood_max_train and len(train_rows) >= 2:
         sample = train_rows
         if len(sample) > ood_max_train:
@@ -64,7 +68,7 @@ def calibrate_checkpoint(
         labels = targets[sample].argmax(1) if meta.task == "multiclass" else None
         detector = OodDetector.fit(feats_train, labels, feats_val, quantile=ood_quantile)
         meta.ood = detector.info()
-        extra = detector.tensors()
+        extra.update(detector.tensors())
         result["ood"] = meta.ood
     else:
         meta.ood = None

@@ -179,6 +179,11 @@ def evaluate(
     typer.echo(f"macro AUROC {m['auroc']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})")
     for c, row in result["per_class"].items():
         typer.echo(f"  {c}: AUROC {row['auroc']:.3f}  sensitivity {row['sensitivity']:.3f}  specificity {row['specificity']:.3f}")
+    est = result.get("estimated_without_labels")
+    if est:
+        parts = [f"accuracy {est['accuracy']['estimate']:.3f} (actual {result.get('accuracy', float('nan')):.3f})"] if "accuracy" in est else []
+        parts += [f"{c} AUROC {v['estimate']:.3f} (actual {v['actual']:.3f})" for c, v in est["per_class_auroc"].items()]
+        typer.echo("estimated without labels: " + ", ".join(parts))
     cal = result["calibration"]
     typer.echo(f"ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} after temperature {cal['temperature']:.2f}")
     if result.get("conformal"):
@@ -243,6 +248,8 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     benchmark: bool = typer.Option(False, "--benchmark", help="Do not score: time each stage (start-up, decode, forward, write, end to end) on the first --benchmark-files inputs and write the figures as JSON to --out."),
     benchmark_files: int = typer.Option(200, "--benchmark-files", min=1, help="How many input files --benchmark times."),
+    shift: bool = typer.Option(True, "--shift/--no-shift", help="Folder-level shift test against the validation reference (from 50 scored files): OUT.shift.json, a summary line, a warning."),
+    shift_window: int = typer.Option(0, "--shift-window", min=0, help="Also test every N scored files (long runs, streams); 0: only the whole run."),
 ) -> None:
     """Score whole folders; one row per file, errors included. Exit 0 all scored, 1 some failed, 2 usage, 3 bad checkpoint.
 
@@ -277,7 +284,8 @@ def predict(
                 done[0] += n
                 tick(advance=n, images_per_s=done[0] / max(time.perf_counter() - started, 1e-9))
 
-            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, decode_pool=decode_pool, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, expect=list(expect), gate=gate, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n))
+            return run_predict(checkpoint, list(inputs), out, fmt=fmt, batch_size=batch_size, workers=workers, decode_pool=decode_pool, device=device, precision=precision, backend=backend, onnx_path=onnx, tta=tta, expect=list(expect), gate=gate, shard_spec=shard_, cache_dir=cache_dir, overwrite=overwrite, resume=resume, fail_fast=fail_fast, flush_every=flush_every, on_progress=progress, on_total=lambda n: tick(advance=0, total=n),
+                               shift=shift, shift_window=shift_window)
 
     result = _run(go)
     rate = (result.scored + result.failed) / max(result.seconds, 1e-9)
@@ -285,6 +293,10 @@ def predict(
     for code, n in sorted(result.by_code.items()):
         if code != "ok":
             typer.echo(f"  {code}: {n}")
+    if result.shift is not None:
+        from medres.shift import summary_line
+
+        typer.echo(f"{summary_line(result.shift)} -> {result.shift_path}")
     raise typer.Exit(result.exit_code)
 
 

@@ -332,6 +332,7 @@ def evaluate(
     if meta.conformal:
         result["conformal"], w = conformal_audit(y, p_cal, frame, meta, by or [], bootstrap, seed)
         warns += w
+    result["estimated_without_labels"], result["shift"] = _label_free_check(checkpoint, meta, p_cal, result)
     if detector is not None:
         flagged = scored.ood[ok] > detector.threshold
         result["ood"] = {"threshold": detector.threshold, "quantile": detector.quantile, "flagged": int(flagged.sum()),
@@ -359,6 +360,23 @@ def evaluate(
         result["plots"] = write_plots(out, y, p_raw, p_cal, meta, thresholds)
         atomic_write(out / "report.html", render_html(result))
     return result
+
+
+def _label_free_check(checkpoint, meta: ModelMeta, p_cal: np.ndarray, result: dict) -> tuple[dict | None, dict | None]:
+    """What `predict` would have said about this split without its labels (medres/shift.py): the
+    estimated accuracy and per-class AUROC beside the real ones, so the estimator's error is visible,
+    and the output-distribution shift test against validation."""
+    from medres.shift import check, estimate_performance, load_reference
+
+    ref = load_reference(checkpoint, meta)
+    if ref is None or len(p_cal) == 0:
+        return None, None
+    est = estimate_performance(ref, p_cal, meta.classes)
+    for c, row in est["per_class_auroc"].items():
+        row["actual"] = result["per_class"][c]["auroc"]
+    if "accuracy" in est:
+        est["accuracy"]["actual"] = result.get("accuracy")
+    return est, check(ref, p_cal, None, meta.classes)
 
 
 def _clean(obj):

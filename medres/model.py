@@ -317,7 +317,7 @@ def norm_for_channels(mean: tuple[float, ...], std: tuple[float, ...], in_channe
     return [mean[0]] * in_channels, [std[0]] * in_channels
 
 
-EXTRA_PREFIXES = ("ood.",)  # checkpoint tensors that are not model weights
+EXTRA_PREFIXES = ("ood.", "shift.")  # checkpoint tensors that are not model weights
 
 
 # --- the checkpoint ------------------------------------------------------------------------------
@@ -348,6 +348,7 @@ class ModelMeta:
     expect: dict[str, list[str]] | None = None  # input gate: header values the training images had (medres/gate.py)
     ood: dict[str, Any] | None = None  # input gate: OOD detector settings; its tensors are `ood.*` in the file
     conformal: dict[str, Any] | None = None  # conformal prediction sets: method, coverage, quantile(s)
+    shift: dict[str, Any] | None = None  # folder-level shift reference settings; its tensors are `shift.*` (medres/shift.py)
 
     def effective_thresholds(self) -> list[float]:
         if self.thresholds:

@@ -29,7 +29,7 @@ from medres.errors import NoInputs, OutputExists, UsageError
 from medres.gate import OOD_CODE, ood_refusal
 from medres.inference import PROB_DECIMALS
 from medres.io.record import HEADER_COLUMNS
-from medres.files import atomic_path, csv_text
+from medres.files import atomic_path, atomic_write, csv_text
 from medres.metrics import predict_labels
 from medres.scoring import (  # noqa: F401 — discover/shard/tta_views are part of predict's API too
     DECODE_POOL, InputFile, ScoredBatch, default_workers, discover, scorer_for, parse_shard, scored_batches, shard, shard_of, tta_views,
@@ -213,6 +213,8 @@ class PredictResult:
     by_code: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     bytes_written: int = 0  # journal + final table: ≈ the table's size for csv/jsonl
+    shift: dict | None = None  # the folder-level shift test (medres/shift.py), also written to OUT.shift.json
+    shift_path: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -243,6 +245,8 @@ def predict(
     flush_every: float = 10.0,
     on_progress=None,
     on_total=None,
+    shift: bool = True,
+    shift_window: int = 0,
 ) -> PredictResult:
     """Score every input file; see the module docstring. Returns counts; raises only for usage or
     checkpoint problems (nothing scored). Under torchrun each rank scores its share and rank 0 joins
@@ -282,10 +286,11 @@ def predict(
     if workers is None:
         workers = default_workers(decode_pool)
     t0 = time.perf_counter()
+    monitor = _shift_monitor(checkpoint, meta, scorer, window=shift_window) if shift else None
     try:
         _score_files(todo, scorer, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
                      batch_size=batch_size, tta=tta, fail_fast=fail_fast, flush_every=flush_every, on_progress=on_progress,
-                     expect=expectations, detector=detector, gate=gate, pool=decode_pool)
+                     expect=expectations, detector=detector, gate=gate, pool=decode_pool, monitor=monitor)
     finally:
         journal.close()  # a crash keeps every finished row in the journal for --resume
     if ranks:
@@ -295,11 +300,33 @@ def predict(
     result.bytes_written = journal.bytes_written
     result.by_code["ok"] = result.scored
     result.seconds = time.perf_counter() - t0
+    if monitor is not None and not ranks:
+        result.shift, result.shift_path = monitor.result(), shift_path(out)
+        atomic_write(result.shift_path, json.dumps(result.shift, indent=2))
+        if result.shift.get("detected"):
+            log.warning(result.shift["warning"])
     return result
 
 
+def shift_path(out: Path) -> Path:
+    """Where a scoring run's folder-level shift test goes: OUT.shift.json beside the table."""
+    return out.with_name(out.name.rsplit(".", 1)[0] + ".shift.json")
+
+
+def _shift_monitor(checkpoint, meta, scorer, *, window: int):
+    from medres.shift import ShiftMonitor, load_reference
+
+    ref = load_reference(checkpoint, meta)
+    if ref is None:
+        log.info("%s has no shift reference (trained before medres 0.x added it): run medres calibrate to add one", Path(checkpoint).name)
+        return None
+    if "features" not in getattr(scorer, "outputs", ["features"]):
+        return None
+    return ShiftMonitor(ref, meta.classes, window=window)
+
+
 def _score_files(todo: list[InputFile], scorer, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool,
-                 fail_fast: bool, flush_every: float, on_progress, expect: dict, detector, gate: str, pool: str = DECODE_POOL) -> None:
+                 fail_fast: bool, flush_every: float, on_progress, expect: dict, detector, gate: str, pool: str = DECODE_POOL, monitor=None) -> None:
     """The scoring path's batches → journal rows, in input order (so a fresh run's journal already
     is the final table), fsync'd every `flush_every` seconds."""
     last_sync = time.perf_counter()
@@ -310,8 +337,10 @@ def _score_files(todo: list[InputFile], scorer, meta, journal: Journal, result: 
         log.warning(d.message)
 
     for batch in scored_batches(todo, scorer, batch_size=batch_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
-                                tta=tta, detector=detector, expect=expect, fail_fast=fail_fast, on_error=failed, pool=pool):
+                                tta=tta, detector=detector, expect=expect, fail_fast=fail_fast, on_error=failed, pool=pool, features=monitor is not None):
         rows = rows_of(batch, meta, gate=gate, threshold=detector.threshold if detector else None)
+        if monitor is not None:
+            monitor.add(batch.probs, batch.features)
         journal.append(rows)
         for r in rows:
             if r["status"] == "rejected":

@@ -266,6 +266,7 @@ class ScoredBatch:
     x: torch.Tensor | None = None  # (B_ok, S, S) pixels of the good ones
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (B_ok, C), calibrated
     ood: np.ndarray | None = None  # (B_ok,) OOD scores when the checkpoint has a detector (torch backend)
+    features: np.ndarray | None = None  # (B_ok, 2048) pooled features, when asked for (the OOD gate, the shift test)
 
     @property
     def good(self) -> list[Decoded]:
@@ -286,6 +287,7 @@ def scored_batches(
     fail_fast: bool = False,
     on_error: Callable[[Decoded], None] | None = None,
     pool: str = DECODE_POOL,
+    features: bool = False,
 ) -> Iterator[ScoredBatch]:
     """Decode `files` and score them with `scorer` (`scorer_for`: torch or ONNX Runtime) in batches of `batch_size` good
     images (a run of bad files also closes a batch at 4 × batch_size). With `fail_fast`, stops after
@@ -301,10 +303,11 @@ def scored_batches(
         if good:
             batch.x = torch.from_numpy(np.stack([d.pixels for d in good]))
             views = tta_views(batch.x) if tta else [batch.x]
-            if detector is not None:
-                first, features = scorer.logits_and_features(views[0])
+            if detector is not None or features:
+                first, batch.features = scorer.logits_and_features(views[0])
                 logits = [first] + [scorer.logits(v) for v in views[1:]]
-                batch.ood = detector.score(features)
+                if detector is not None and batch.features is not None:
+                    batch.ood = detector.score(batch.features)
             else:
                 logits = [scorer.logits(v) for v in views]
             batch.probs = round_probs(np.mean([scorer.probs(z) for z in logits], axis=0))  # TTA: the mean, as written
