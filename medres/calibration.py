@@ -20,7 +20,7 @@ import torch
 from medres import conformal
 from medres.data.dataset import stream
 from medres.data.store import ImageStore
-from medres.gate import OodDetector, header_profile
+from medres.gate import TRANSFORMS, OodDetector, OrientationCheck, header_profile, transformed
 from medres.inference import Predictor, calibrate_meta, to_probs
 from medres.model import load_checkpoint, save_checkpoint
 from medres.shift import ShiftReference
@@ -42,6 +42,7 @@ def calibrate_checkpoint(
     method: str = "aps",
     ood_quantile: float = 0.99,
     ood_max_train: int = 20000,
+    orientation_images: int = 128,
     batch_size: int = 64,
     seed: int = 0,
 ) -> dict:
@@ -67,6 +68,10 @@ def calibrate_checkpoint(
         _, feats_train = predictor.features_of(stream(store, sample, batch_size))
         labels = targets[sample].argmax(1) if meta.task == "multiclass" else None
         detector = OodDetector.fit(feats_train, labels, feats_val, quantile=ood_quantile)
+        if orientation_images:
+            detector.orientation = fit_orientation(predictor, store, sample[:orientation_images] if len(sample) <= orientation_images else
+                                                   np.sort(np.random.default_rng(seed + 1).choice(sample, orientation_images, replace=False)),
+                                                   feats_val, batch_size=batch_size, seed=seed)
         meta.ood = detector.info()
         extra.update(detector.tensors())
         result["ood"] = meta.ood
@@ -76,6 +81,18 @@ def calibrate_checkpoint(
     log.info("calibrated %s: temperature %.3f, conformal q %s, OOD threshold %s, expect %s", Path(path).name, meta.temperature,
              meta.conformal.get("qhat"), meta.ood and round(meta.ood["threshold"], 3), meta.expect)
     return result
+
+
+def fit_orientation(predictor: Predictor, store: ImageStore, rows: np.ndarray, val_features: np.ndarray, *, batch_size: int, seed: int) -> OrientationCheck:
+    """The ROTATED/INVERTED check (gate.OrientationCheck): the sampled training films in each of the 8
+    orientations × polarities, through the model, to a logistic regression on the pooled features."""
+    by_transform = []
+    for k, inverted in TRANSFORMS:
+        _, feats = predictor.features_of(transformed(b, k, inverted) for b in stream(store, rows, batch_size))
+        by_transform.append(feats)
+    check = OrientationCheck.fit(by_transform, val_features, seed=seed)
+    log.info("orientation check: %d films x 8 transforms, training accuracy %.3f, threshold %.4f", len(rows), check.train_accuracy, check.threshold)
+    return check
 
 
 def load_detector(path: str | Path, meta) -> OodDetector | None:

@@ -110,6 +110,18 @@ class OutOfDistribution(Rejected):
     code = "OUT_OF_DISTRIBUTION"
 
 
+class Rotated(Rejected):
+    """The film looks rotated by 90°, 180° or 270° against the training images (gate.OrientationCheck)."""
+
+    code = "ROTATED"
+
+
+class Inverted(Rejected):
+    """The film looks grey-level inverted against the training images (a MONOCHROME1 mistake in an export)."""
+
+    code = "INVERTED"
+
+
 # --- user input ------------------------------------------------------------------------
 class UsageError(MedresError):
     code = "USAGE_ERROR"

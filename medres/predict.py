@@ -26,7 +26,7 @@ import torch
 
 from medres import conformal
 from medres.errors import NoInputs, OutputExists, UsageError
-from medres.gate import OOD_CODE, ood_refusal
+from medres.gate import verdicts
 from medres.inference import PROB_DECIMALS
 from medres.io.record import HEADER_COLUMNS
 from medres.files import atomic_path, atomic_write, csv_text
@@ -44,7 +44,7 @@ def columns(meta) -> list[str]:
     cols += ["prediction"] if meta.task == "multiclass" else [f"positive_{c}" for c in meta.classes]
     if meta.conformal:
         cols += ["prediction_set", "set_size"]
-    return cols + ["ood_score", "in_distribution"]
+    return cols + ["ood_score", "in_distribution", "orientation"]
 
 
 def gate_of(checkpoint, meta, *, expect: list[str] | None, gate: str, scorer=None) -> tuple[dict, object]:
@@ -338,7 +338,7 @@ def _score_files(todo: list[InputFile], scorer, meta, journal: Journal, result: 
 
     for batch in scored_batches(todo, scorer, batch_size=batch_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None,
                                 tta=tta, detector=detector, expect=expect, fail_fast=fail_fast, on_error=failed, pool=pool, features=monitor is not None):
-        rows = rows_of(batch, meta, gate=gate, threshold=detector.threshold if detector else None)
+        rows = rows_of(batch, meta, gate=gate, detector=detector)
         if monitor is not None:
             monitor.add(batch.probs, batch.features)
         journal.append(rows)
@@ -354,11 +354,12 @@ def _score_files(todo: list[InputFile], scorer, meta, journal: Journal, result: 
             last_sync = time.perf_counter()
 
 
-def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", threshold: float | None = None) -> list[dict]:
-    """One output row per file of the batch: header columns, then probabilities, labels, conformal set
-    and OOD score — or the error, or the gate's refusal (`--gate reject`: no probabilities)."""
+def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", detector=None) -> list[dict]:
+    """One output row per file of the batch: header columns, then probabilities, labels, conformal set,
+    OOD score and orientation — or the error, or the gate's refusal (`--gate reject`: no probabilities)."""
     labels = predict_labels(batch.probs, meta.task, meta.effective_thresholds()) if len(batch.good) else []
     members = conformal.sets(batch.probs, meta.conformal, meta.task) if meta.conformal and len(batch.good) else None
+    judged = verdicts([d.file.shown for d in batch.good], batch.ood, batch.orientation, detector, gate)
     rows = []
     k = 0
     for d in batch.items:
@@ -366,15 +367,14 @@ def rows_of(batch: ScoredBatch, meta, *, gate: str = "flag", threshold: float | 
         rows.append(row)
         if not d.ok:
             continue
-        p, lab = batch.probs[k], labels[k]
-        if batch.ood is not None:
-            score = float(batch.ood[k])
-            inside = score <= threshold
-            row.update(ood_score=f"{score:.5g}", in_distribution=int(inside))
-            if gate == "reject" and not inside:
-                row.update(status="rejected", error_code=OOD_CODE, message=ood_refusal(d.file.shown, score, threshold))
-                k += 1
-                continue
+        p, lab, v = batch.probs[k], labels[k], judged[k]
+        if v.ood_score is not None:
+            row.update(ood_score=f"{v.ood_score:.5g}", in_distribution=int(v.in_distribution))
+        row["orientation"] = v.orientation
+        if v.refusal is not None:
+            row.update(status="rejected", error_code=v.refusal[0], message=v.refusal[1])
+            k += 1
+            continue
         row.update({f"prob_{c}": f"{v:.{PROB_DECIMALS}f}" for c, v in zip(meta.classes, p)})
         if meta.task == "multiclass":
             row["prediction"] = meta.classes[int(lab)]

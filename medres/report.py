@@ -22,7 +22,7 @@ from PIL import Image
 from medres import conformal
 from medres.cam import CamResult, cam_from_features, compute_cam, find_layer, occlusion_maps, upsample
 from medres.errors import NoInputs, UsageError
-from medres.gate import ood_refusal
+from medres.gate import verdicts
 from medres.files import atomic_path, atomic_write
 from medres.inference import Predictor
 from medres.onnx import OnnxPredictor
@@ -56,6 +56,7 @@ class Case:
     header: dict = field(default_factory=dict)  # source_format, modality, body_part, view, laterality
     ood_score: float | None = None
     in_distribution: bool | None = None  # None: the checkpoint has no OOD detector
+    orientation: str = ""  # what way up the film looks (gate.OrientationCheck); "" when not checked
     prediction_set: list[str] = field(default_factory=list)
     explained: int = 0  # the first `explained` targets are the prediction (or --class); the rest: other classes
     predicted: list[int] = field(default_factory=list)  # the model's call at the stored operating points
@@ -214,6 +215,7 @@ def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path
         good, kept = [], []
         if predictor.meta.conformal and len(batch.good):
             members = conformal.sets(batch.probs, predictor.meta.conformal, predictor.meta.task)
+        judged = verdicts([d.file.shown for d in batch.good], batch.ood, batch.orientation, opts.detector, opts.gate)
         k = -1
         for d in batch.items:
             case = next(in_order)
@@ -222,13 +224,11 @@ def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path
                 case.status, case.error = d.status, d.message
                 continue
             k += 1
-            if batch.ood is not None:
-                case.ood_score = float(batch.ood[k])
-                case.in_distribution = case.ood_score <= opts.detector.threshold
-                if opts.gate == "reject" and not case.in_distribution:
-                    case.status = "rejected"
-                    case.error = ood_refusal(case.shown, case.ood_score, opts.detector.threshold)
-                    continue
+            v = judged[k]
+            case.ood_score, case.in_distribution, case.orientation = v.ood_score, v.in_distribution, v.orientation
+            if v.refusal is not None:
+                case.status, case.error = "rejected", v.refusal[1]
+                continue
             if members is not None:
                 case.prediction_set = conformal.ordered_set(batch.probs[k], members[k], predictor.meta.classes)
             case.record, case.geometry = d.record.to_dict(), d.record.geometry
@@ -458,7 +458,7 @@ def _index_rows(cases: list[Case], meta) -> list[dict]:
             r.update(code=code, message=c.error)
         else:
             r.update(probs=[round(v, 6) for v in c.probs], pos=c.positive, pred=c.predicted, set=c.prediction_set, ood=c.ood_score,
-                     flag=c.in_distribution is False, page=f"cases/{c.name}.html",
+                     flag=c.in_distribution is False or c.orientation not in ("", "as trained"), page=f"cases/{c.name}.html",
                      thumb=f"cases/{c.name}_thumb.png")
             if c.deletion_auc is not None:
                 r.update(deletion=round(c.deletion_auc, 4), insertion=round(c.insertion_auc, 4))

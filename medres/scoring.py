@@ -267,6 +267,7 @@ class ScoredBatch:
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (B_ok, C), calibrated
     ood: np.ndarray | None = None  # (B_ok,) OOD scores when the checkpoint has a detector (torch backend)
     features: np.ndarray | None = None  # (B_ok, 2048) pooled features, when asked for (the OOD gate, the shift test)
+    orientation: list | None = None  # (B_ok,) (code or None, label) from the gate's orientation check
 
     @property
     def good(self) -> list[Decoded]:
@@ -308,6 +309,8 @@ def scored_batches(
                 logits = [first] + [scorer.logits(v) for v in views[1:]]
                 if detector is not None and batch.features is not None:
                     batch.ood = detector.score(batch.features)
+                    if detector.orientation is not None:
+                        batch.orientation = detector.orientation.judge(batch.features)
             else:
                 logits = [scorer.logits(v) for v in views]
             batch.probs = round_probs(np.mean([scorer.probs(z) for z in logits], axis=0))  # TTA: the mean, as written

@@ -95,7 +95,7 @@ def stage_benchmark(checkpoint: str | Path, inputs: list, *, files: int = 200, b
         journal.start(resume=False)
         t0 = time.perf_counter()
         for b in batches:
-            journal.append(rows_of(b, meta, gate=gate, threshold=detector.threshold if detector else None))
+            journal.append(rows_of(b, meta, gate=gate, detector=detector))
         journal.close()
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()

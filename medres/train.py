@@ -464,7 +464,8 @@ def calibrate_run(out: Path, run: "_Run") -> dict:
     return calibrate_checkpoint(
         out / BEST, run.store, train_rows=run.train_rows, val_rows=run.val_rows, targets=run.targets, device=run.device, dtype=run.dtype,
         target_sensitivity=cfg.eval.target_sensitivity, coverage=cfg.eval.coverage, method=cfg.eval.conformal,
-        ood_quantile=cfg.eval.ood_quantile, ood_max_train=cfg.eval.ood_max_train, batch_size=cfg.train.batch_size * 2, seed=cfg.train.seed,
+        ood_quantile=cfg.eval.ood_quantile, ood_max_train=cfg.eval.ood_max_train, orientation_images=cfg.eval.orientation_images,
+        batch_size=cfg.train.batch_size * 2, seed=cfg.train.seed,
     )
 
 

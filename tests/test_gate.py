@@ -40,10 +40,12 @@ def test_expectations_parse_merge_and_check():
     assert check_header({"modality": "CT"}, {"modality": ["CR", "DX"]})[0] == "UNEXPECTED_MODALITY"
     assert check_header({"view": ""}, {"view": ["PA"]}) is None  # an absent tag never rejects
     assert check_header({}, {"modality": ["CR"]}) is None
-    assert header_profile([{"modality": "CR", "view": "PA"}, {"modality": "DX"}, {}]) == {"modality": ["CR", "DX"], "view": ["PA"]}
-    assert header_profile([{"modality": "CR"}]) == {"modality": ["CR", "DX"]}  # one kind of image, two detector technologies
-    assert header_profile([{"modality": "MG"}]) == {"modality": ["MG"]}
-    assert header_profile([{}, {}]) == {}
+    chest = {"body_part": ["CHEST"]}  # what a projection-radiography model expects when no training header named a body part
+    assert header_profile([{"modality": "CR", "view": "PA"}, {"modality": "DX"}, {}]) == {"modality": ["CR", "DX"], "view": ["PA"], **chest}
+    assert header_profile([{"modality": "CR"}]) == {"modality": ["CR", "DX"], **chest}  # one kind of image, two detector technologies
+    assert header_profile([{"modality": "MG"}]) == {"modality": ["MG"]}  # not a chest model: no body part guessed
+    # PNG/JPEG training sets (no headers): chest projection radiography, so a CT or MR file is refused by its header
+    assert header_profile([{}, {}]) == {"modality": ["CR", "DX"], "body_part": ["CHEST"]}
 
 
 def test_training_headers_become_the_default_expectations(trained_run):
@@ -248,3 +250,45 @@ def test_gate_columns_carry_no_identifiers(trained_run, headed, tmp_path):
         assert s not in data
     rec = [json.loads(line) for line in data.splitlines()]
     assert {r["modality"] for r in rec} <= {"CR", "CT", ""}
+
+
+def test_rotated_and_inverted_films_are_flagged_with_their_codes(trained_run, phantoms, tmp_path):
+    """The orientation check learnt at the end of training (no extra labels): held-out phantoms turned
+    90/180/270° or grey-inverted are named so in the `orientation` column and refused under --gate
+    reject — with ROTATED/INVERTED, or OUT_OF_DISTRIBUTION where the film is also far from every
+    training film (this tiny fixture's OOD detector catches many; the message then gives the orientation
+    as a hint) — while the originals are not."""
+    from PIL import Image
+
+    from medres.gate import Verdict, verdicts
+
+    _, meta = load_checkpoint(trained_run / "model.safetensors")
+    assert meta.ood["orientation"]["train_accuracy"] > 0.9
+    splits = pd.read_csv(trained_run / "splits.csv")
+    frame = pd.read_csv(phantoms)
+    test = frame[frame["path"].isin(splits.loc[splits["split"] != "train", "path"]) & frame["path"].str.endswith(".png")]
+    folder = tmp_path / "turned"
+    for sub in ("as_is", "rot90", "rot180", "rot270", "inverted"):
+        (folder / sub).mkdir(parents=True)
+    for rel in test["path"]:
+        img = np.asarray(Image.open(phantoms.parent / rel).convert("L"))
+        name = Path(rel).name
+        Image.fromarray(img).save(folder / "as_is" / name)
+        for k in (1, 2, 3):
+            Image.fromarray(np.rot90(img, k).copy()).save(folder / f"rot{90 * k}" / name)
+        Image.fromarray(255 - img).save(folder / "inverted" / name)
+    predict(trained_run / "model.safetensors", [folder], tmp_path / "f.csv", workers=0, gate="flag")
+    predict(trained_run / "model.safetensors", [folder], tmp_path / "r.csv", workers=0, gate="reject")
+    flag, rej = (pd.read_csv(tmp_path / n, keep_default_na=False) for n in ("f.csv", "r.csv"))
+    group = flag["path"].str.split("/").str[0]
+    assert (group == "as_is").sum() >= 6
+    assert (flag.loc[group == "as_is", "orientation"] == "as trained").mean() >= 0.8
+    assert (rej.loc[group == "as_is", "status"] == "ok").mean() >= 0.8
+    for sub, code, named in (("rot90", "ROTATED", "rotated"), ("rot180", "ROTATED", "rotated"), ("rot270", "ROTATED", "rotated"), ("inverted", "INVERTED", "inverted")):
+        assert flag.loc[group == sub, "orientation"].str.contains(named).mean() >= 0.8, (sub, flag.loc[group == sub, "orientation"].tolist())
+        assert rej.loc[group == sub, "error_code"].isin([code, "OUT_OF_DISTRIBUTION"]).mean() >= 0.8, sub
+    # the codes themselves: a film in distribution but the wrong way up gets ROTATED / INVERTED
+    det = load_detector(trained_run / "model.safetensors", meta)
+    v = verdicts(["a.png", "b.png", "c.png"], np.array([0.0, 0.0, 1e9]), [("ROTATED", "rotated 90"), ("INVERTED", "inverted"), ("ROTATED", "rotated 180")], det, "reject")
+    assert [x.refusal[0] for x in v] == ["ROTATED", "INVERTED", "OUT_OF_DISTRIBUTION"] and "looks rotated 180" in v[2].refusal[1]
+    assert verdicts(["a.png"], np.array([0.0]), [(None, "as trained")], det, "reject") == [Verdict(0.0, True, "as trained", None)]
