@@ -20,7 +20,7 @@ import torch
 from medres import conformal
 from medres.data.dataset import stream
 from medres.data.store import ImageStore
-from medres.gate import TRANSFORMS, OodDetector, OrientationCheck, header_profile, transformed
+from medres.gate import ORIENTATION_IMAGES, TRANSFORMS, OodDetector, OrientationCheck, header_profile, transformed
 from medres.inference import Predictor, calibrate_meta, to_probs
 from medres.model import load_checkpoint, save_checkpoint
 from medres.shift import ShiftReference
@@ -42,7 +42,7 @@ def calibrate_checkpoint(
     method: str = "aps",
     ood_quantile: float = 0.99,
     ood_max_train: int = 20000,
-    orientation_images: int = 128,
+    orientation_images: int = ORIENTATION_IMAGES,
     batch_size: int = 64,
     seed: int = 0,
 ) -> dict:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 RUO = "Research use only — not for diagnosis or any clinical decision."
 SECTIONS = ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
-            "Quantitative analyses", "Ethical considerations", "Caveats and recommendations")
+            "Quantitative analyses", "Monitoring", "Ethical considerations", "Caveats and recommendations")
 
 
 @dataclass
@@ -222,6 +222,8 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
         "Performance on under-represented groups is unknown where they are absent from the test split.",
     ])
 
+    _monitoring(s["Monitoring"], meta, ev)
+
     c = s["Caveats and recommendations"]
     warnings = (ev or {}).get("warnings", [])
     c.ul(([f"Warning from evaluate: {w}" for w in warnings] or ["evaluate raised no warnings."]) + [
@@ -230,6 +232,30 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
         RUO,
     ])
     return [s[t] for t in SECTIONS]
+
+
+def _monitoring(mon: "Section", meta, ev: dict | None) -> None:
+    """What scoring checks on new data (medres/shift.py, gate.py), and how well the label-free estimates
+    did on the evaluated split."""
+    if meta.shift:
+        mon.p(f"predict and report test every folder of at least {meta.shift['min_files']} scored files against a validation reference stored in "
+              f"this checkpoint ({meta.shift['n']} validation images; KS per class output, Bonferroni-corrected, and MMD on "
+              f"{meta.shift['components']} principal components of the penultimate features; α = {meta.shift['alpha']}). When a shift is detected, the "
+              "conformal sets and the operating points are not guaranteed for that data: OUT.shift.json and the report say so, with the estimated "
+              "class priors (BBSE) and the accuracy and AUROC estimated without labels (ATC, expected AUROC).")
+    else:
+        mon.p("No shift reference is stored (a checkpoint older than the folder-level test): run medres calibrate to add one.")
+    orient = (meta.ood or {}).get("orientation")
+    if orient:
+        mon.p(f"Per film, an orientation check learnt from the training images marks films that look rotated or grey-inverted "
+              f"(ROTATED / INVERTED; training accuracy over the 8 transforms {fmt(orient['train_accuracy'])}).")
+    est = (ev or {}).get("estimated_without_labels")
+    if est:
+        rows = [[f"{c} AUROC", fmt(v["estimate"]), fmt(v.get("actual"))] for c, v in est["per_class_auroc"].items()]
+        if "accuracy" in est:
+            rows.insert(0, ["accuracy", fmt(est["accuracy"]["estimate"]), fmt(est["accuracy"].get("actual"))])
+        mon.p("On the evaluated split, the label-free estimates against the real values (how far to trust them on new data):")
+        mon.table(["metric", "estimated without labels", "actual"], rows)
 
 
 # --- rendering -------------------------------------------------------------------------------------

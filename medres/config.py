@@ -114,7 +114,7 @@ class EvalConfig(_Strict):
     conformal: Literal["aps", "lac"] = Field("aps", description="Conformal score (multiclass): aps (adaptive sets) or lac (smallest sets); multilabel uses per-label thresholds.")
     ood_quantile: float = Field(0.99, gt=0.5, lt=1, description="OOD gate threshold: this quantile of the validation images' OOD scores (about 1 - q of in-distribution images flagged).")
     ood_max_train: int = Field(20000, ge=0, description="Training images (a seeded sample) the OOD detector is fitted on (0: no detector).")
-    orientation_images: int = Field(128, ge=0, description="Training images (a seeded sample) shown in 8 orientations/polarities to fit the ROTATED/INVERTED check (0: no check).")
+    orientation_images: int = Field(512, ge=0, description="Training images (a seeded sample) shown in 8 orientations/polarities to fit the ROTATED/INVERTED check (0: no check).")
 
 
 class Config(_Strict):

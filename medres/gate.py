@@ -44,6 +44,7 @@ OOD_PREFIX = "ood."
 ORIENT_PREFIX = OOD_PREFIX + "orient."
 # The 8 transforms the orientation check tells apart: (quarter turns counter-clockwise, inverted).
 TRANSFORMS = [(k, inv) for inv in (False, True) for k in range(4)]
+ORIENTATION_IMAGES = 512  # training films the orientation check is fitted on (eval.orientation_images)
 # Computed and digital radiography: the same projection image from two detector technologies.
 PROJECTION_RADIOGRAPHY = {"CR", "DX"}  # checkpoint tensors of the detector, beside the model's own
 
@@ -177,9 +178,19 @@ class OodDetector:
 
 # --- orientation and polarity ------------------------------------------------------------------------
 def transformed(x: torch.Tensor, k: int, inverted: bool) -> torch.Tensor:
-    """(B, S, S) pixels in [0, 1], turned `k` quarter turns counter-clockwise and/or grey-inverted."""
+    """(B, S, S) pixels in [0, 1], turned `k` quarter turns counter-clockwise and/or grey-inverted. The
+    inversion spares the letterbox padding (rows and columns of zeros at the edges), as a film inverted
+    before it was letterboxed — a MONOCHROME1 mistake in an export — looks."""
     x = torch.rot90(x, k, dims=(1, 2)) if k else x
-    return 1.0 - x if inverted else x
+    if not inverted:
+        return x
+    rows, cols = (x > 0).any(2), (x > 0).any(1)  # (B, S) each
+
+    def span(m: torch.Tensor) -> torch.Tensor:  # True from the first to the last True, per row
+        return torch.cummax(m.int(), 1).values.bool() & torch.cummax(m.flip(1).int(), 1).values.flip(1).bool()
+
+    content = span(rows)[:, :, None] & span(cols)[:, None, :]
+    return torch.where(content, 1.0 - x, x)
 
 
 def transform_label(k: int, inverted: bool) -> str:
@@ -207,7 +218,9 @@ class OrientationCheck:
         x = np.concatenate(features_by_transform).astype(np.float64)
         y = np.concatenate([np.full(len(f), t) for t, f in enumerate(features_by_transform)])
         mean, scale = x.mean(0), x.std(0) + 1e-6
-        clf = LogisticRegression(max_iter=1000, C=0.1, random_state=seed).fit((x - mean) / scale, y)
+        # C = 1 and 512 films: measured on real films (bench/shift.py; docs/benchmarks.md): 128 films or a
+        # stronger penalty flagged a third to two thirds of turned films at the same 2% false flags
+        clf = LogisticRegression(max_iter=1000, C=1.0, random_state=seed).fit((x - mean) / scale, y)
         check = cls(mean.astype(np.float32), scale.astype(np.float32), clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32), 0.0,
                     len(features_by_transform[0]), float(clf.score((x - mean) / scale, y)))
         as_trained = check.probabilities(val_features if len(val_features) else features_by_transform[0])[:, 0]

@@ -27,6 +27,7 @@ import torch
 from medres import conformal
 from medres.errors import NoInputs, OutputExists, UsageError
 from medres.gate import verdicts
+from medres.shift import monitor_for
 from medres.inference import PROB_DECIMALS
 from medres.io.record import HEADER_COLUMNS
 from medres.files import atomic_path, atomic_write, csv_text
@@ -265,7 +266,7 @@ def predict(
         stale.unlink(missing_ok=True)
     files = discover(inputs)
     if not files:
-        raise NoInputs("no input files found")
+        raise NoInputs(f"no input files found in {', '.join(str(i) for i in inputs)} (hidden and sidecar files such as .csv/.json/.txt are skipped)")
     sh = parse_shard(shard_spec) or ranks
     mine = shard(files, *sh) if sh else files
     if ranks and device == "auto" and torch.cuda.is_available():
@@ -286,7 +287,7 @@ def predict(
     if workers is None:
         workers = default_workers(decode_pool)
     t0 = time.perf_counter()
-    monitor = _shift_monitor(checkpoint, meta, scorer, window=shift_window) if shift else None
+    monitor = monitor_for(checkpoint, meta, scorer, window=shift_window) if shift else None
     try:
         _score_files(todo, scorer, meta, journal, result, cache_dir=cache_dir, workers=workers if len(todo) > 1 else 0,
                      batch_size=batch_size, tta=tta, fail_fast=fail_fast, flush_every=flush_every, on_progress=on_progress,
@@ -311,18 +312,6 @@ def predict(
 def shift_path(out: Path) -> Path:
     """Where a scoring run's folder-level shift test goes: OUT.shift.json beside the table."""
     return out.with_name(out.name.rsplit(".", 1)[0] + ".shift.json")
-
-
-def _shift_monitor(checkpoint, meta, scorer, *, window: int):
-    from medres.shift import ShiftMonitor, load_reference
-
-    ref = load_reference(checkpoint, meta)
-    if ref is None:
-        log.info("%s has no shift reference (trained before medres 0.x added it): run medres calibrate to add one", Path(checkpoint).name)
-        return None
-    if "features" not in getattr(scorer, "outputs", ["features"]):
-        return None
-    return ShiftMonitor(ref, meta.classes, window=window)
 
 
 def _score_files(todo: list[InputFile], scorer, meta, journal: Journal, result: PredictResult, *, cache_dir, workers: int, batch_size: int, tta: bool,

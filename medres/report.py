@@ -23,6 +23,7 @@ from medres import conformal
 from medres.cam import CamResult, cam_from_features, compute_cam, find_layer, occlusion_maps, upsample
 from medres.errors import NoInputs, UsageError
 from medres.gate import verdicts
+from medres.shift import monitor_for, summary_line
 from medres.files import atomic_path, atomic_write
 from medres.inference import Predictor
 from medres.onnx import OnnxPredictor
@@ -142,7 +143,7 @@ def report(
     _check_options(model, meta, layer=layer, target_class=target_class, normalize=normalize)
     files = discover(inputs)[: limit or None]
     if not files:
-        raise NoInputs("no input files found")
+        raise NoInputs(f"no input files found in {', '.join(str(i) for i in inputs)} (hidden and sidecar files such as .csv/.json/.txt are skipped)")
     from medres.predict import gate_of
     from medres.scoring import scorer_for
 
@@ -154,7 +155,14 @@ def report(
     truth = manifest_truth(inputs, meta)
     cases = [Case(i, f.shown, f.full, truth=truth.get(f.shown)) for i, f in enumerate(files)]
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers, model=model)
+    monitor = monitor_for(checkpoint, meta, predictor)
+    cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers, model=model,
+                               monitor=monitor)
+    shift = monitor.result() if monitor is not None else None
+    if shift is not None:
+        atomic_write(out / "shift.json", json.dumps(shift, indent=2))
+        if shift.get("detected"):
+            log.warning(shift["warning"])
     spec = PreprocessSpec.from_dict(meta.preprocess)
     if cells and min(cells) < 7 and method != "occlusion":
         shallower = {"layer4": "layer3", "layer3": "layer2"}.get(layer)
@@ -171,8 +179,9 @@ def report(
         _write_overlays(case, out, scales, opts, meta)
         prev, nxt = (pages[i - 1].name if i else None), (pages[i + 1].name if i + 1 < len(pages) else None)
         atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, meta.effective_thresholds(), ckpt_sha, method, grid, normalize, scales, prev, nxt))
-    atomic_write(out / "index.html", _index_html(cases, meta, meta.effective_thresholds(), method, grid, normalize, scales, faithfulness))
+    atomic_write(out / "index.html", _index_html(cases, meta, meta.effective_thresholds(), method, grid, normalize, scales, faithfulness, shift))
     summary = _summary(cases, meta, scales, opts, cells)
+    summary["shift"] = shift
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -203,15 +212,19 @@ def _check_options(model, meta, *, layer: str, target_class: str | None, normali
         raise UsageError(f"--class {target_class!r} is not one of {', '.join(meta.classes)}")
 
 
-def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path, opts: _Options, *, batch_size: int, workers: int, model=None) -> tuple[int, int] | None:
+def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path, opts: _Options, *, batch_size: int, workers: int, model=None,
+                       monitor=None) -> tuple[int, int] | None:
     """One pass over the scoring path: probabilities and raw CAMs (model space) per case; the display
     image and thumbnail are written as each file is decoded, so no file is decoded twice."""
     cells = None
     in_order = iter(cases)  # batches keep input order; keys may repeat across input folders
     members = None
     scorer = predictor if opts.method == "occlusion" else _ExplainingScorer(predictor, opts, model)
-    for batch in scored_batches(files, scorer, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX, expect=opts.expect, detector=opts.detector):
+    for batch in scored_batches(files, scorer, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX, expect=opts.expect, detector=opts.detector,
+                                features=monitor is not None):
         cam = getattr(scorer, "last", None)
+        if monitor is not None:
+            monitor.add(batch.probs, batch.features)
         good, kept = [], []
         if predictor.meta.conformal and len(batch.good):
             members = conformal.sets(batch.probs, predictor.meta.conformal, predictor.meta.task)
@@ -466,7 +479,7 @@ def _index_rows(cases: list[Case], meta) -> list[dict]:
     return rows
 
 
-def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, scales, faithfulness) -> str:
+def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, scales, faithfulness, shift: dict | None = None) -> str:
     from medres.templates import render
 
     summary = None
@@ -478,7 +491,8 @@ def _index_html(cases: list[Case], meta, thresholds, method, layer, normalize, s
             "hasTruth": any(c.truth is not None for c in cases), "conformal": bool(meta.conformal), "ood": bool(meta.ood), "faithfulness": faithfulness}
     return render("report_index.html", ruo=RUO, n=len(cases), classes=meta.classes, method=method, layer=layer, normalize=normalize,
                   scales=scales, faithfulness_summary=summary, conformal=meta.conformal, ood=meta.ood, data=data,
-                  counts={s: sum(c.status == s for c in cases) for s in ("ok", "error", "rejected")}, flagged=sum(c.in_distribution is False for c in cases))
+                  counts={s: sum(c.status == s for c in cases) for s in ("ok", "error", "rejected")}, flagged=sum(c.in_distribution is False for c in cases),
+                  shift=shift, shift_line=summary_line(shift) if shift else None)
 
 
 def _case_html(case: Case, meta, thresholds, ckpt_sha, method, layer, normalize, scales, prev: str | None, nxt: str | None) -> str:

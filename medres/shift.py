@@ -271,6 +271,21 @@ class ShiftMonitor:
         return out
 
 
+def monitor_for(checkpoint, meta, scorer, *, window: int = 0) -> ShiftMonitor | None:
+    """The shift monitor `predict` and `report` feed, or None when the checkpoint has no reference (older
+    than this test: `medres calibrate` adds it) or the scorer returns no features (an old ONNX file)."""
+    import logging
+    from pathlib import Path
+
+    ref = load_reference(checkpoint, meta)
+    if ref is None:
+        logging.getLogger(__name__).info("%s has no shift reference: run medres calibrate to add one", Path(checkpoint).name)
+        return None
+    if "features" not in getattr(scorer, "outputs", ["features"]):
+        return None
+    return ShiftMonitor(ref, meta.classes, window=window)
+
+
 def load_reference(path, meta) -> ShiftReference | None:
     """The checkpoint's shift reference, or None (trained before it existed: `medres calibrate` adds it)."""
     from medres.model import read_extra

@@ -57,7 +57,7 @@ def stage_benchmark(checkpoint: str | Path, inputs: list, *, files: int = 200, b
     if not chosen:
         from medres.errors import NoInputs
 
-        raise NoInputs("no input files found")
+        raise NoInputs(f"no input files found in {', '.join(str(i) for i in inputs)} (hidden and sidecar files such as .csv/.json/.txt are skipped)")
     workers = default_workers() if workers is None else workers
     t0 = time.perf_counter()
     model, meta = load_checkpoint(checkpoint)

@@ -9,6 +9,16 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: configs/, medres/, README.md
+
+
+def smoke_config(manifest, *overrides: str):
+    """configs/smoke.yaml on `manifest` with `--set`-style overrides: the tests' one config builder."""
+    from medres.config import load_config
+
+    return load_config(ROOT / "configs" / "smoke.yaml", [f"data.manifest={manifest}", *overrides])
+
+
 IDENTIFIERS = {
     "PatientName": "Doe^Jane^Secretname",
     "PatientID": "PID-778899-SECRET",

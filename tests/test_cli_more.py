@@ -2,7 +2,6 @@
 --normalize per-image, export, the balanced sampler."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,7 @@ from medres.cli import app
 from medres.model import load_checkpoint
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT  # noqa: E402
 
 
 def test_inspect_writes_npy_and_json(tmp_path):

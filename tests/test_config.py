@@ -5,7 +5,7 @@ import pytest
 from medres.config import Config, config_reference, load_config, parse_override
 from medres.errors import ConfigInvalid
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

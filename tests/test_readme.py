@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from medres.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT  # noqa: E402
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 REFERENCE = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
 FAST = ["--set", "data.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.precision=fp32"]

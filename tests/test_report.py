@@ -15,7 +15,7 @@ from helpers import IDENTIFIERS, gradient, make_dicom
 from medres.errors import UsageError
 from medres.report import report
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT  # noqa: E402
 
 
 class Links(HTMLParser):

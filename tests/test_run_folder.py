@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import tomllib
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +18,7 @@ from medres.cli import app
 from medres.config import find_config, load_config, shipped_configs
 from medres.errors import ConfigInvalid
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +106,15 @@ def test_manifest_build_sniffs_content_not_extensions(tmp_path):
     df = pd.read_csv(tmp_path / "d" / "m.csv")
     assert sorted(df["label"].unique()) == ["covid", "normal"] and (df["label"] == "covid").sum() == 2
     assert "2 classes" in res.output and "1 non-image files skipped" in res.output and "[NOT_AN_IMAGE] covid/notes" in res.output
+
+
+def test_newcomer_messages_name_the_folder_and_the_file(tmp_path, rooted_run):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("sidecar")
+    res = CliRunner().invoke(app, ["predict", str(empty), "--checkpoint", str(rooted_run), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 2 and f"[NO_INPUTS] no input files found in {empty}" in res.output
+    m = tmp_path / "m.csv"
+    m.write_text("path,patient_id\na.png,p1\n")
+    res = CliRunner().invoke(app, ["manifest", "check", str(m)])
+    assert res.exit_code == 2 and f"{m}: no label column" in res.output

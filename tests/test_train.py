@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ from medres.errors import NonFiniteLoss
 from medres.model import load_checkpoint
 from medres.train import fit
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT  # noqa: E402
 FAST = ["data.image_size=32", "train.batch_size=16", "train.precision=fp32", "train.calibrate=false"]
 
 

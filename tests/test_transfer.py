@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from medres.config import load_config
 from medres.model import build_model, read_weight_file
 from medres.train import _lr_factor, fit
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT  # noqa: E402
 FAST = ["data.image_size=32", "train.batch_size=16", "train.precision=fp32", "train.calibrate=false", "train.warmup_epochs=1"]
 
 
@@ -222,6 +221,7 @@ def test_one_channel_model_from_a_three_channel_donor(tmp_path):
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # the 500-phantom pointing fixture: make test runs it, make test-fast does not
 def test_fine_tuning_a_donor_beats_scratch_on_a_new_task(pointing_model, tmp_path_factory):
     """Transfer, end to end: the session's task-A model (normal vs opacity, tests/conftest.py) saved as
     a plain torchvision-layout file is the donor; task B (normal vs diffuse, a lesion it never saw)

@@ -86,12 +86,12 @@ def read_csv(path: Path) -> pd.DataFrame:
     return df
 
 
-def infer_classes(df: pd.DataFrame, task: str) -> list[str]:
+def infer_classes(df: pd.DataFrame, task: str, src: str = "manifest") -> list[str]:
     if "label" in df.columns:
         return sorted({v.strip() for v in df["label"] if v.strip()})
     if "labels" in df.columns:
         return sorted({p.strip() for v in df["labels"] for p in v.split("|") if p.strip()})
-    raise ManifestInvalid("no label column: use 'label', 'labels' or one 0/1 column per class with data.classes set")
+    raise ManifestInvalid(f"{src}: no label column: use 'label', 'labels' or one column per class with data.classes set (columns: {', '.join(df.columns)})")
 
 
 def load_manifest(
@@ -131,7 +131,7 @@ def load_manifest(
     if not require_labels:
         targets = np.zeros((len(df), len(classes or [])), dtype=np.float32)
         return Manifest(df.reset_index(drop=True), targets, list(classes or []), task, root, src, **_row_roots(df, root_given))
-    classes = list(classes) if classes else infer_classes(df, task)
+    classes = list(classes) if classes else infer_classes(df, task, src)
     if not classes:
         raise ManifestInvalid(f"{src}: no classes found")
     states = _states(df, classes, task, src, absent_classes_missing)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +20,7 @@ from medres.files import safe_cell
 from medres.predict import predict
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT  # noqa: E402
 
 
 def png(path, seed=0):
