@@ -127,7 +127,7 @@ def main() -> None:
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from medres.evaluate import calibrate
+    from medres.calibration import calibrate
 
     cxr = need(SHARED / "cxr" / "manifest.csv")
     run = Path(args.run)

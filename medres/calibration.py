@@ -1,12 +1,13 @@
 """Everything fitted on held-out data after training, in one pass, stored in the checkpoint:
 
-- temperature scaling and operating points (validation; `inference.calibrate_meta`),
+- temperature scaling and operating points (validation; `calibrate_meta`),
 - conformal prediction sets at `eval.coverage` (validation; `conformal.py`),
 - the input gate: header expectations from the training images' DICOM tags, and the OOD detector on
   the training images' penultimate features with its threshold from validation (`gate.py`),
 - the folder-level shift reference: validation probabilities and reduced features (`shift.py`).
 
-`train` runs it at the end; `medres calibrate` re-runs it on any checkpoint (older ones gain the gate).
+`train` runs it at the end (`calibrate_checkpoint`); `medres calibrate` re-runs it on any checkpoint
+(`calibrate`; older ones gain the gate and the shift reference). All calibration lives here.
 """
 
 from __future__ import annotations
@@ -18,14 +19,27 @@ import numpy as np
 import torch
 
 from medres import conformal
-from medres.data.dataset import stream
+from medres.data.dataset import open_store, stream
 from medres.data.store import ImageStore
 from medres.gate import ORIENTATION_IMAGES, TRANSFORMS, OodDetector, OrientationCheck, header_profile, transformed
-from medres.inference import Predictor, calibrate_meta, to_probs
-from medres.model import load_checkpoint, save_checkpoint
+from medres.inference import Predictor, to_probs
+from medres.errors import ManifestInvalid
+from medres.io import PreprocessSpec
+from medres.model import ModelMeta, load_checkpoint, save_checkpoint
+from medres.run import manifest_for
 from medres.shift import ShiftReference
 
 log = logging.getLogger(__name__)
+
+
+def calibrate_meta(meta: ModelMeta, logits: np.ndarray, y: np.ndarray, *, target_sensitivity: float | None = None) -> dict:
+    """Temperature scaling and operating points from validation logits, written into `meta`.
+    The one calibration step: `train` runs it at the end, `medres calibrate` on older checkpoints."""
+    from medres.metrics import choose_thresholds, fit_temperature
+
+    meta.temperature = fit_temperature(logits, y, meta.task)
+    meta.thresholds, meta.threshold_method = choose_thresholds(y, to_probs(logits, meta.task, meta.temperature), target_sensitivity=target_sensitivity)
+    return {"temperature": meta.temperature, "thresholds": meta.thresholds, "method": meta.threshold_method}
 
 
 def calibrate_checkpoint(
@@ -102,3 +116,29 @@ def load_detector(path: str | Path, meta) -> OodDetector | None:
     if not meta.ood:
         return None
     return OodDetector.from_checkpoint(read_extra(path, "ood."), meta.ood)
+
+
+def calibrate(checkpoint: str | Path, manifest_path, splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None,
+              coverage: float = 0.9, method: str = "aps", ood_quantile: float = 0.99, ood_max_train: int = 20000,
+              device: str = "auto", precision: str = "auto", store_dir=None, num_workers: int | None = None) -> dict:
+    """Fit temperature, operating points, conformal sets and the input gate (OOD detector on the train
+    split, its threshold and the other fits on the validation split); store them in the checkpoint."""
+    from medres.inference import resolve_device, resolve_precision
+
+    _, meta = load_checkpoint(checkpoint)
+    manifest = manifest_for(manifest_path, meta, splits_csv)
+    split = manifest.frame["split"].to_numpy() if "split" in manifest.frame.columns else np.full(len(manifest), "")
+    val, train = np.nonzero(split == "val")[0], np.nonzero(split == "train")[0]
+    if len(val) == 0:
+        raise ManifestInvalid(f"{manifest.source}: no validation rows to calibrate on")
+    store = open_store(manifest, PreprocessSpec.from_dict(meta.preprocess), store_dir=store_dir, dtype=meta.store_dtype)
+    try:
+        store.ensure(np.concatenate([train, val]), workers=num_workers)
+        if not store.ok_mask(val).any():
+            raise ManifestInvalid(f"{manifest.source}: no readable validation images to calibrate on")
+        dev = resolve_device(device)
+        return calibrate_checkpoint(checkpoint, store, train_rows=train, val_rows=val, targets=manifest.targets, device=dev,
+                                    dtype=resolve_precision(precision, dev), target_sensitivity=target_sensitivity, coverage=coverage,
+                                    method=method, ood_quantile=ood_quantile, ood_max_train=ood_max_train if len(train) else 0)
+    finally:
+        store.close()

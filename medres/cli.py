@@ -212,7 +212,7 @@ def calibrate(
 
     Example: medres calibrate --run runs/covid --target-sensitivity 0.95 --coverage 0.9
     """
-    from medres.evaluate import calibrate as run_cal
+    from medres.calibration import calibrate as run_cal
 
     def go():
         ckpt, man, splits, store = _run_paths(run, checkpoint, manifest, store_dir)

@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 
 from medres.data.dataset import open_store, stream
-from medres.data.manifest import Manifest, load_manifest
+from medres.data.manifest import Manifest
 from medres.errors import ManifestInvalid, UsageError
 from medres.files import atomic_write, csv_text
 from medres.inference import Predictor, to_probs
 from medres.io import PreprocessSpec
 from medres.metrics import brier, ece, point_metrics, predict_labels
 from medres.model import ModelMeta, load_checkpoint
+from medres.run import manifest_for
 
 log = logging.getLogger(__name__)
 # Subgroup AUROC gaps smaller than this are not flagged even when outside the CI; zero-width CIs (a perfectly
@@ -220,45 +221,6 @@ def conformal_audit(y, p_cal, frame: pd.DataFrame, meta: ModelMeta, by: list[str
 
 
 # --- the command ---------------------------------------------------------------------------------
-def calibrate(checkpoint: str | Path, manifest_path: "str | Path | Manifest", splits_csv: str | Path | None = None, *, target_sensitivity: float | None = None,
-              coverage: float = 0.9, method: str = "aps", ood_quantile: float = 0.99, ood_max_train: int = 20000,
-              device: str = "auto", precision: str = "auto", store_dir=None, num_workers: int | None = None) -> dict:
-    """Fit temperature, operating points, conformal sets and the input gate (OOD detector on the train
-    split, its threshold and the other fits on the validation split); store them in the checkpoint."""
-    from medres.calibration import calibrate_checkpoint
-    from medres.inference import resolve_device, resolve_precision
-
-    _, meta = load_checkpoint(checkpoint)
-    manifest = _manifest_for(manifest_path, meta, splits_csv)
-    split = manifest.frame["split"].to_numpy() if "split" in manifest.frame.columns else np.full(len(manifest), "")
-    val, train = np.nonzero(split == "val")[0], np.nonzero(split == "train")[0]
-    if len(val) == 0:
-        raise ManifestInvalid(f"{manifest.source}: no validation rows to calibrate on")
-    store = open_store(manifest, PreprocessSpec.from_dict(meta.preprocess), store_dir=store_dir, dtype=meta.store_dtype)
-    try:
-        store.ensure(np.concatenate([train, val]), workers=num_workers)
-        if not store.ok_mask(val).any():
-            raise ManifestInvalid(f"{manifest.source}: no readable validation images to calibrate on")
-        dev = resolve_device(device)
-        return calibrate_checkpoint(checkpoint, store, train_rows=train, val_rows=val, targets=manifest.targets, device=dev,
-                                    dtype=resolve_precision(precision, dev), target_sensitivity=target_sensitivity, coverage=coverage,
-                                    method=method, ood_quantile=ood_quantile, ood_max_train=ood_max_train if len(train) else 0)
-    finally:
-        store.close()
-
-
-def _manifest_for(manifest: "str | Path | Manifest", meta: ModelMeta, splits_csv: str | Path | None) -> Manifest:
-    """A Manifest as given (e.g. `RunDir.manifest()`: the run's own rows, roots and splits), or a manifest
-    CSV read with the checkpoint's classes, plus a splits.csv when given."""
-    from medres.run import with_splits
-
-    if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest, classes=meta.classes, task=meta.task)
-    if splits_csv is None:
-        return manifest
-    return with_splits(manifest, pd.read_csv(splits_csv, dtype=str, keep_default_na=False), str(splits_csv))
-
-
 def evaluate(
     checkpoint: str | Path,
     manifest_path: "str | Path | Manifest",
@@ -278,7 +240,7 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(checkpoint)
-    manifest = _manifest_for(manifest_path, meta, splits_csv)
+    manifest = manifest_for(manifest_path, meta, splits_csv)
     warns: list[str] = []
     rows = np.arange(len(manifest))
     if split:

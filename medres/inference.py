@@ -76,16 +76,6 @@ def round_probs(p: np.ndarray) -> np.ndarray:
     return np.array([float(f"{v:.{PROB_DECIMALS}f}") for v in p.ravel()], dtype=np.float64).reshape(p.shape)
 
 
-def calibrate_meta(meta: ModelMeta, logits: np.ndarray, y: np.ndarray, *, target_sensitivity: float | None = None) -> dict:
-    """Temperature scaling and operating points from validation logits, written into `meta`.
-    The one calibration step: `train` runs it at the end, `medres calibrate` on older checkpoints."""
-    from medres.metrics import choose_thresholds, fit_temperature
-
-    meta.temperature = fit_temperature(logits, y, meta.task)
-    meta.thresholds, meta.threshold_method = choose_thresholds(y, to_probs(logits, meta.task, meta.temperature), target_sensitivity=target_sensitivity)
-    return {"temperature": meta.temperature, "thresholds": meta.thresholds, "method": meta.threshold_method}
-
-
 @dataclass
 class Predictor:
     """Batched scoring with the checkpoint's own normalisation, calibration and precision."""

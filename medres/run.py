@@ -94,5 +94,17 @@ def with_splits(manifest, splits: pd.DataFrame, source: str):
     return Manifest(frame, manifest.targets, manifest.classes, manifest.task, manifest.root, manifest.source, manifest.states, manifest.roots, manifest.root_of)
 
 
+def manifest_for(manifest, meta, splits_csv: str | Path | None = None):
+    """A Manifest as given (e.g. `RunDir.manifest()`: the run's own rows, roots and splits), or a manifest
+    CSV read with the checkpoint's classes, plus a splits.csv when given."""
+    from medres.data.manifest import Manifest, load_manifest
+
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest, classes=meta.classes, task=meta.task)
+    if splits_csv is None:
+        return manifest
+    return with_splits(manifest, pd.read_csv(splits_csv, dtype=str, keep_default_na=False), str(splits_csv))
+
+
 def split_rows(manifest, split: str) -> np.ndarray:
     return np.nonzero((manifest.frame["split"] == split).to_numpy())[0]

@@ -148,7 +148,7 @@ def test_detector_separates_other_inputs_from_held_out_phantoms(trained_run, pha
 
 
 def test_threshold_stored_reloaded_and_refitted_by_calibrate(trained_run, phantoms, tmp_path):
-    from medres.evaluate import calibrate
+    from medres.calibration import calibrate
     from medres.model import save_checkpoint
 
     _, meta = load_checkpoint(trained_run / "model.safetensors")

@@ -51,6 +51,12 @@ def test_quickstart_runs_on_phantoms(tmp_path, monkeypatch, phantoms):
         assert result.exit_code == 0, (line, result.output)
     run = tmp_path / "runs" / "covid"
     assert (run / "model.safetensors").exists() and (run / "eval" / "report.html").exists()
+    # the README's Python example, on the same run and folder
+    block = re.search(r"<!-- BEGIN api -->\n```python\n(.*?)```", README, re.S).group(1)
+    scope: dict = {}
+    exec(compile(block, "README api example", "exec"), scope)
+    assert len(scope["table"]) == len(list((tmp_path / "xrays" / "covid").iterdir()))
+    assert set(scope["cam"]["probs"]) == {"normal", "pneumonia", "covid"} and next(iter(scope["cam"]["maps"].values())).shape == (32, 32)
     assert len(pd.read_csv(run / "predictions.csv")) == len(df)
     assert (run / "report" / "index.html").exists()
 

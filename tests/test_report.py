@@ -226,7 +226,7 @@ def test_multilabel_report_maps_every_positive_label(phantoms, tmp_path):
     import pandas as pd
 
     from medres.config import load_config
-    from medres.evaluate import calibrate
+    from medres.calibration import calibrate
     from medres.train import fit
 
     df = pd.read_csv(phantoms)
