@@ -446,6 +446,29 @@ def manifest_import(
     raise typer.Exit(1 if rep.malformed else 0)
 
 
+@app.command("select")
+def select_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Unlabelled files, folders (recursive) or a manifest CSV."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
+    n: int = typer.Option(..., "--n", min=1, help="How many files to propose."),
+    out: Path = typer.Option(..., "--out", help="Manifest to fill in: path, root, an empty label column, rank, strategy, score."),
+    strategy: Literal["entropy", "margin", "coreset", "random"] = typer.Option("entropy", "--strategy", help="entropy, margin (most uncertain first), coreset (k-centre on features), random."),
+    by: Literal["file", "patient"] = typer.Option("file", "--by", help="patient: at most one film per patient_id (manifest input)."),
+    exclude: Optional[Path] = typer.Option(None, "--exclude", help="Manifest whose files are already labelled (default: the checkpoint's run manifest)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+) -> None:
+    """Which files to label next: the most informative unlabelled films, gate-flagged and already-labelled ones left out.
+
+    Example: medres select --checkpoint runs/covid /archive/unlabelled --n 200 --out to_label.csv
+    """
+    from medres.select import select
+
+    table = _run(lambda: select(checkpoint, list(inputs), out, n=n, strategy=strategy, by_patient=by == "patient", exclude=exclude, seed=seed, overwrite=overwrite))
+    left = ", ".join(f"{v} {k}" for k, v in table.attrs.get("left_out", {}).items() if v)
+    typer.echo(f"wrote {out}: {len(table)} files to label ({strategy})" + (f"; left out: {left}" if left else ""))
+
+
 @app.command("configs")
 def configs() -> None:
     """List the configs shipped with medres (usable by name: --config covid_xray).
