@@ -131,6 +131,26 @@ def train(
         typer.echo(f"calibration: temperature {summary['calibration']['temperature']:.3f}, thresholds ({summary['calibration']['method']}) " + ", ".join(f"{t:.3f}" for t in summary["calibration"]["thresholds"]))
 
 
+@app.command()
+def pretrain(
+    config: Optional[Path] = typer.Option(None, "--config", help="A config (its data: and pretrain: sections), or a shipped config's name."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set data.manifest=/archive/all.csv (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: backbone.safetensors, metrics.jsonl, curves.png, pretrain.json."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last finished epoch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Self-supervised pretraining (VICReg) on films without labels; the backbone feeds model.weights.
+
+    Example: medres pretrain --config covid_xray --set data.manifest=/archive/all.csv --set pretrain.epochs=20 --out runs/ssl
+    """
+    from medres.config import load_config
+    from medres.pretrain import pretrain as run_pretrain
+
+    summary = _run(lambda: run_pretrain(load_config(config, list(set_)), out, resume=resume, show_progress=not quiet))
+    typer.echo(f"pretrained on {summary['films']} films, {summary['epochs']} epochs; embedding spread {summary['embedding_spread']:.4f} -> {summary['backbone']}")
+    typer.echo(f"fine-tune from it: medres train --config ... --set model.weights={summary['backbone']}")
+
+
 # --- evaluate / calibrate --------------------------------------------------------------------------
 def _run_paths(run: Optional[Path], checkpoint: Optional[Path], manifest: Optional[Path], store_dir: Optional[Path]):
     """Checkpoint, manifest (or the run's own selected rows with their splits), splits.csv and image-store

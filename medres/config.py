@@ -117,12 +117,26 @@ class EvalConfig(_Strict):
     orientation_images: int = Field(512, ge=0, description="Training images (a seeded sample) shown in 8 orientations/polarities to fit the ROTATED/INVERTED check (0: no check).")
 
 
+class PretrainConfig(_Strict):
+    epochs: int = Field(10, ge=1, description="medres pretrain: epochs over the unlabelled films.")
+    max_steps_per_epoch: int = Field(0, ge=0, description="Cap on pretraining steps per epoch (0: all).")
+    batch_size: int = Field(32, ge=2, description="Films per pretraining step (two views each).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the backbone and projector.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    projector_dim: int = Field(1024, ge=16, description="Width of VICReg's projector (2048 → dim → dim).")
+    noise: float = Field(0.02, ge=0, description="Std of the Gaussian noise added to each view (pixels in [0, 1]).")
+    same_patient: bool = Field(True, description="MedAug pairs: half of the second views are another film of the same patient_id.")
+    variance_weight: float = Field(25.0, ge=0, description="VICReg's variance weight (the guard against collapse; 0 lets it collapse).")
+    covariance_weight: float = Field(1.0, ge=0, description="VICReg's covariance weight (decorrelates the embedding dimensions).")
+
+
 class Config(_Strict):
     name: str = Field("medres-run", description="Run name, used in the run folder.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @field_validator("name")
     @classmethod
