@@ -94,6 +94,10 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
     num_workers: int | None = Field(None, ge=0, description="Processes decoding images into the store (None: one per core; 0: in-process).")
     loader_workers: int | None = Field(None, ge=0, description="DataLoader processes reading training batches from the store (None: 0 on CPU, where a reader process takes a core from the model; 4 on CUDA).")
+    unlabeled: Path | None = Field(None, description="Unlabelled films (a manifest with a path column, or a folder) added to training with FixMatch-style pseudo-labels; validation and test stay labelled.")
+    unlabeled_ratio: int = Field(1, ge=1, description="Unlabelled films per labelled film in each step (FixMatch's mu).")
+    pseudo_threshold: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence a film's weak view needs before its pseudo-label enters the loss (multilabel: per label, p >= t or p <= 1 - t).")
+    unlabeled_weight: float = Field(1.0, ge=0, description="Weight of the unlabelled (pseudo-label) loss.")
     early_stopping: int = Field(0, ge=0, description="Stop after this many epochs without a better validation AUROC (0: off).")
     max_steps_per_epoch: int = Field(0, ge=0, description="Cap on steps per epoch (0: all); for smoke tests.")
     calibrate: bool = Field(True, description="Fit temperature scaling, operating points, conformal sets and the input gate on held-out data at the end.")
@@ -239,6 +243,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.data.manifest = resolve(cfg.data.manifest)
     if cfg.data.root is not None:
         cfg.data.root = resolve(cfg.data.root)
+    if cfg.train.unlabeled is not None:
+        cfg.train.unlabeled = resolve(cfg.train.unlabeled)
     w = cfg.model.weights
     if w not in ("imagenet", "none") and not Path(w).is_absolute() and not Path(w).exists() and base is not None:
         if (base / w).exists():

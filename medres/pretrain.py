@@ -32,16 +32,16 @@ import torch.nn.functional as F
 
 from medres.config import Config, dump_config
 from medres.data.dataset import open_store, stream
-from medres.data.manifest import Manifest, load_manifest
-from medres.data.transforms import AugmentSpec, augment
-from medres.errors import ConfigInvalid, TrainingError
+from medres.data.selection import unlabelled_manifest
+from medres.data.transforms import STRONG, augment
+from medres.errors import TrainingError
 from medres.files import atomic_path, atomic_write
 from medres.inference import autocast, normalise, resolve_device, resolve_precision
 from medres.model import CLASSIFIER, IMAGENET_MEAN, IMAGENET_STD, build_model, norm_for_channels
 
 log = logging.getLogger(__name__)
 BACKBONE, STATE = "backbone.safetensors", "pretrain_state.pt"
-VIEWS = AugmentSpec(rotate_deg=10.0, scale=0.25, translate=0.08, brightness=0.15, contrast=0.25, gamma=0.25)
+VIEWS = STRONG
 COLLAPSE_SPREAD = 1e-3  # films' feature spread relative to the features' size below this: one point for every film
 
 
@@ -71,41 +71,6 @@ def vicreg_loss(a: torch.Tensor, b: torch.Tensor, *, invariance: float = 25.0, v
     return invariance * sim + variance * (var(a) + var(b)) + covariance * (cov(a) + cov(b))
 
 
-def unlabelled_manifest(cfg: Config) -> Manifest:
-    """The films to pretrain on: every manifest in data.manifest (only `path` is needed), or a folder
-    (every image below it, sniffed by content at decode time)."""
-    from medres.data.selection import filter_mask
-    from medres.io.listing import candidate_files
-
-    if not cfg.data.manifests:
-        raise ConfigInvalid("data.manifest is required: a manifest (a path column is enough) or a folder of images")
-    parts = []
-    for src in cfg.data.manifests:
-        src = Path(src)
-        if src.is_dir():
-            rows = [(rel, Path(rel).stem) for _, rel in candidate_files(src)]
-            import pandas as pd
-
-            frame = pd.DataFrame(rows, columns=["path", "patient_id"]).astype(str)
-            parts.append(Manifest(frame, np.zeros((len(frame), 0), np.float32), [], "multiclass", src.resolve(), str(src)))
-        else:
-            parts.append(load_manifest(src, require_labels=False, root=cfg.data.root))
-    if len(parts) > 1:
-        import pandas as pd
-
-        frame = pd.concat([p.frame for p in parts], ignore_index=True).fillna("")
-        root_of = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(parts)])
-        roots = [p.root for p in parts]
-        m = Manifest(frame, np.zeros((len(frame), 0), np.float32), [], "multiclass", roots[0], " + ".join(p.source for p in parts), roots=roots, root_of=root_of)
-    else:
-        m = parts[0]
-    for expr in cfg.data.filter:
-        m = m.subset(filter_mask(m.frame, expr, m.source))
-    if len(m) < 2:
-        raise ConfigInvalid(f"{m.source}: pretraining needs at least 2 films, found {len(m)}")
-    return m
-
-
 def _partner(patients: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For each row, another film of the same patient half of the time (itself otherwise or when alone)."""
     by_patient: dict[str, list[int]] = {}
@@ -126,7 +91,7 @@ def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, show_progres
 
     out = Path(out)
     p = cfg.pretrain
-    manifest = unlabelled_manifest(cfg)
+    manifest = unlabelled_manifest(cfg.data.manifests, root=cfg.data.root, filters=cfg.data.filter)
     out.mkdir(parents=True, exist_ok=True)
     _attach_log(out / "train.log")
     atomic_write(out / "config.yaml", dump_config(cfg))

@@ -29,7 +29,7 @@ from medres.data.manifest import Manifest
 from medres.data.selection import select_rows
 from medres.data.splits import assign_splits, audit_leakage, splits_frame
 from medres.data.store import ImageStore
-from medres.data.transforms import AugmentSpec, augment
+from medres.data.transforms import STRONG, AugmentSpec, augment
 from medres.errors import ManifestInvalid, NonFiniteLoss, TrainingError
 from medres.files import atomic_path, atomic_write, csv_text
 from medres.inference import Predictor, autocast, normalise, resolve_device, resolve_precision, to_probs
@@ -200,6 +200,9 @@ class _Run:
     world: int = 1
     distributed: bool = False
     trainable: bool | None = None  # the backbone's current stage (None: not set yet)
+    unlabeled: ImageStore | None = None  # train.unlabeled: films without labels (semi-supervised)
+    unlabeled_rows: np.ndarray | None = None
+    pseudo_rates: list = None  # per step this epoch: share of unlabelled entries above the threshold
     step: int = 0
     best: float = -math.inf
     stale: int = 0
@@ -271,6 +274,8 @@ def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, 
     with bar.task("decode", total=None) as tick:
         manifest, splits, store = prepare_data(cfg, out, progress=tick, manifest=manifest)
     run = _setup_run(cfg, out, device, manifest, splits, store, source, rank, world, distributed)
+    if cfg.train.unlabeled is not None:
+        run.unlabeled, run.unlabeled_rows = _unlabeled_store(cfg, manifest)
     start_epoch = _restore(run) if resume else 0
 
     history = []
@@ -301,6 +306,8 @@ def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, 
 
         write_card(out, out / "model_card.md")  # without an evaluation; medres card --eval adds one
     store.close()
+    if run.unlabeled is not None:
+        run.unlabeled.close()
     if distributed:
         _check_ranks_agree(run)
         dist.barrier()
@@ -361,6 +368,48 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
     )
 
 
+def _unlabeled_store(cfg: Config, manifest: Manifest) -> tuple[ImageStore, np.ndarray]:
+    """train.unlabeled's films in their own store; films that are also labelled rows are left out."""
+    from medres.data.selection import unlabelled_manifest
+
+    um = unlabelled_manifest([cfg.train.unlabeled])
+    store = open_store(um, preprocess_spec(cfg), store_dir=cfg.data.store_dir, dtype=cfg.data.store_dtype, cache_dir=cfg.data.cache_dir)
+    store.ensure(workers=cfg.train.num_workers)
+    labelled = {str(manifest.absolute(i)) for i in range(len(manifest))}
+    rows = np.array([i for i in np.nonzero(store.ok_mask())[0] if str(um.absolute(int(i))) not in labelled], dtype=np.int64)
+    if len(rows) == 0:
+        raise ManifestInvalid(f"train.unlabeled {cfg.train.unlabeled}: no readable film that is not already a labelled row")
+    log.info("semi-supervised: %d unlabelled films (%d were labelled rows, left out), %d per labelled film in each step, pseudo-label threshold %.2f",
+             len(rows), int(store.ok_mask().sum()) - len(rows), cfg.train.unlabeled_ratio, cfg.train.pseudo_threshold)
+    return store, rows
+
+
+def pseudo_label_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor, task: str, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch (Sohn et al., NeurIPS 2020): the weak view's confident predictions are the targets of the
+    strong view; below the threshold a film (multiclass) or a label (multilabel) adds nothing. Returns
+    (loss averaged over all unlabelled entries, the mask of entries that counted)."""
+    weak = weak_logits.detach().float()
+    if task == "multiclass":
+        conf, target = torch.softmax(weak, 1).max(1)
+        mask = (conf >= threshold).float()
+        return (F.cross_entropy(strong_logits.float(), target, reduction="none") * mask).mean(), mask
+    p = torch.sigmoid(weak)
+    mask = ((p >= threshold) | (p <= 1 - threshold)).float()
+    each = F.binary_cross_entropy_with_logits(strong_logits.float(), (p >= 0.5).float(), reduction="none")
+    return (each * mask).mean(), mask
+
+
+def _unlabeled_views(run: _Run, epoch: int, s: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weak, strong) normalised views of this step's unlabelled films (chosen as a function of seed, epoch, step)."""
+    cfg = run.cfg
+    pick = np.random.default_rng([cfg.train.seed, epoch, s]).choice(run.unlabeled_rows, cfg.train.batch_size * cfg.train.unlabeled_ratio)
+    x = torch.from_numpy(run.unlabeled.read(np.sort(pick)))
+    weak = augment(x, gen, AugmentSpec(hflip=cfg.train.hflip))
+    strong = (augment(x, gen, STRONG) + 0.02 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    views = [normalise(v.to(run.device), run.meta.mean, run.meta.std, cfg.model.in_channels) for v in (weak, strong)]
+    return tuple(v.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else v for v in views)
+
+
 def _restore(run: _Run) -> int:
     """--resume: weights, optimiser and counters from the run folder; returns the next epoch."""
     state_path = run.out / STATE
@@ -397,20 +446,35 @@ def _train_epoch(run: _Run, epoch: int, tick) -> dict:
         xb = normalise(xb.to(run.device, non_blocking=True), run.meta.mean, run.meta.std, cfg.model.in_channels)
         if cfg.train.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        losses.append(_train_step(run, xb, yb.to(run.device, non_blocking=True), epoch, s))
+        unlabeled = _unlabeled_views(run, epoch, s, gen) if run.unlabeled is not None else None
+        losses.append(_train_step(run, xb, yb.to(run.device, non_blocking=True), epoch, s, unlabeled=unlabeled))
         seen += len(yb)
         tick(loss=losses[-1], ips=seen * run.world / (time.perf_counter() - t0))
     train_time = time.perf_counter() - t0
-    return {"epoch": epoch + 1, "frozen": frozen, "train_loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen * run.world / max(train_time, 1e-9)}
+    record = {"epoch": epoch + 1, "frozen": frozen, "train_loss": float(np.mean(losses)) if losses else float("nan"), "images_per_s": seen * run.world / max(train_time, 1e-9)}
+    if run.unlabeled is not None:
+        mu = cfg.train.unlabeled_ratio
+        record.update(unlabeled_share=mu / (1 + mu), pseudo_label_rate=float(np.mean(run.pseudo_rates)) if run.pseudo_rates else 0.0)
+        run.pseudo_rates = []
+    return record
 
 
-def _train_step(run: _Run, xb: torch.Tensor, yb: torch.Tensor, epoch: int, s: int) -> float:
+def _train_step(run: _Run, xb: torch.Tensor, yb: torch.Tensor, epoch: int, s: int, *, unlabeled=None) -> float:
     factor = _lr_factor(run.step, run.total_steps, run.warmup)
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     with autocast(run.device, run.dtype):
         logits = run.model(xb)
     loss = run.loss_fn(logits, yb)
+    if unlabeled is not None:
+        weak, strong = unlabeled
+        with torch.no_grad(), autocast(run.device, run.dtype):
+            weak_logits = run.model(weak)
+        with autocast(run.device, run.dtype):
+            strong_logits = run.model(strong)
+        extra, mask = pseudo_label_loss(weak_logits, strong_logits, run.cfg.data.task, run.cfg.train.pseudo_threshold)
+        loss = loss + run.cfg.train.unlabeled_weight * extra
+        run.pseudo_rates = (run.pseudo_rates or []) + [float(mask.mean())]
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {s + 1}; the last good checkpoint in {run.out} is kept")
     run.optimizer.zero_grad(set_to_none=True)

@@ -118,3 +118,33 @@ def filter_mask(frame: pd.DataFrame, expr: str, source: str = "manifest") -> np.
     if op not in ("==", "!="):
         raise ConfigInvalid(f"data.filter '{expr}': {op} needs a number, got {raw!r}")
     return _COMPARE[op](text, str(value)).to_numpy()
+
+
+def unlabelled_manifest(sources: list[Path], *, root: Path | None = None, filters: list[str] | None = None) -> Manifest:
+    """Films without labels (`pretrain`, `train.unlabeled`): manifests (only `path` is needed) or folders
+    (every candidate image below them, sniffed by content at decode time), concatenated."""
+    from medres.io.listing import candidate_files
+
+    if not sources:
+        raise ConfigInvalid("data.manifest is required: a manifest (a path column is enough) or a folder of images")
+    parts = []
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            rows = [(rel, Path(rel).stem) for _, rel in candidate_files(src)]
+            frame = pd.DataFrame(rows, columns=["path", "patient_id"]).astype(str)
+            parts.append(Manifest(frame, np.zeros((len(frame), 0), np.float32), [], "multiclass", src.resolve(), str(src)))
+        else:
+            parts.append(load_manifest(src, require_labels=False, root=root))
+    if len(parts) > 1:
+        frame = pd.concat([p.frame for p in parts], ignore_index=True).fillna("")
+        root_of = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(parts)])
+        roots = [p.root for p in parts]
+        m = Manifest(frame, np.zeros((len(frame), 0), np.float32), [], "multiclass", roots[0], " + ".join(p.source for p in parts), roots=roots, root_of=root_of)
+    else:
+        m = parts[0]
+    for expr in filters or []:
+        m = m.subset(filter_mask(m.frame, expr, m.source))
+    if len(m) < 2:
+        raise ConfigInvalid(f"{m.source}: at least 2 unlabelled films are needed, found {len(m)}")
+    return m

@@ -27,6 +27,11 @@ class AugmentSpec:
     hflip: bool = False
 
 
+# Stronger views: self-supervised pretraining's two views and semi-supervised training's strong view
+# (zoom crop, larger rotation and tone changes; still no flips and no colour jitter).
+STRONG = AugmentSpec(rotate_deg=10.0, scale=0.25, translate=0.08, brightness=0.15, contrast=0.25, gamma=0.25)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, spec: AugmentSpec = AugmentSpec()) -> torch.Tensor:
     """x: (B, H, W) in [0, 1] → same shape, augmented. Randomness comes only from `gen`."""
     b = x.shape[0]
