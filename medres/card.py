@@ -177,6 +177,12 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
     if selection:
         t.p("Row selection (data.manifest, data.views, data.filter, labelled rows), step by step:")
         t.table(["step", "removed", "rows left"], [[st["step"], st["removed"], st["remaining"]] for st in selection["steps"]])
+    if selection and selection.get("unlabeled"):
+        u = selection["unlabeled"]
+        t.p(f"Unlabelled films also used (semi-supervised, FixMatch-style pseudo-labels at confidence ≥ {u['pseudo_threshold']}): {u['films']} from "
+            f"{Path(u['source']).name}, {u['ratio']} per labelled film in each step; none of them is in the validation or test split.")
+    if str(meta.weights_source or "").endswith("backbone.safetensors"):
+        t.p(f"Initial weights from self-supervised pretraining on unlabelled films: {meta.weights_source} (sha256 {meta.weights_sha256}).")
     states = label_states_table(rd)
     if states:
         uncertain = cfg.get("data", {}).get("uncertain", "ignore")

@@ -276,6 +276,11 @@ def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, 
     run = _setup_run(cfg, out, device, manifest, splits, store, source, rank, world, distributed)
     if cfg.train.unlabeled is not None:
         run.unlabeled, run.unlabeled_rows = _unlabeled_store(cfg, manifest)
+        if rank == 0:  # what the model learnt from, beside the labelled rows (the model card reads it)
+            info = json.loads((out / "selection.json").read_text(encoding="utf-8"))
+            info["unlabeled"] = {"source": str(cfg.train.unlabeled), "films": int(len(run.unlabeled_rows)), "ratio": cfg.train.unlabeled_ratio,
+                                 "pseudo_threshold": cfg.train.pseudo_threshold}
+            atomic_write(out / "selection.json", json.dumps(info, indent=2))
     start_epoch = _restore(run) if resume else 0
 
     history = []

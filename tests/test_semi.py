@@ -49,3 +49,5 @@ def test_unlabelled_films_train_but_never_reach_the_splits(phantoms, tmp_path):
     unlabelled_files = {str((extra.parent / p).resolve()) for p in pd.read_csv(unlabelled)["path"]}
     assert len(splits) == len(pd.read_csv(phantoms)) and not in_splits & unlabelled_files  # validation and test: labelled rows only
     assert "semi-supervised: 18 unlabelled films" in (tmp_path / "run" / "train.log").read_text()
+    assert json.loads((tmp_path / "run" / "selection.json").read_text())["unlabeled"]["films"] == 18
+    assert "Unlabelled films also used" in (tmp_path / "run" / "model_card.md").read_text()
