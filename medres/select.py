@@ -51,12 +51,13 @@ def margin(probs: np.ndarray, task: str, thresholds: list[float] | None = None, 
 
 def coreset_order(candidates: np.ndarray, labelled: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """k-centre greedy: each pick is the candidate farthest from every labelled film and earlier pick.
-    Returns (picked indices in order, each pick's distance at the time it was picked)."""
+    Returns (picked indices in order, each pick's distance at the time it was picked). Memory stays
+    O(candidates): the distances to the labelled films are taken in chunks."""
     x = np.asarray(candidates, np.float64)
-    if len(labelled):
-        d = np.sqrt(((x[:, None, :] - np.asarray(labelled, np.float64)[None]) ** 2).sum(2)).min(1)
-    else:
-        d = np.full(len(x), np.inf)
+    d = np.full(len(x), np.inf)
+    for lab in np.array_split(np.asarray(labelled, np.float64), max(1, len(labelled) // 256)) if len(labelled) else []:
+        sq = (x * x).sum(1)[:, None] + (lab * lab).sum(1)[None, :] - 2 * x @ lab.T
+        d = np.minimum(d, np.sqrt(np.maximum(sq, 0)).min(1))
     picks, dist = [], []
     for _ in range(min(n, len(x))):
         i = int(np.argmax(d))
@@ -124,15 +125,13 @@ def select(checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *,
             else:
                 keep.append(d.file)
                 probs.append(batch.probs[k])
-                feats.append(None if batch.features is None else batch.features[k])
+                # reduced at once (16 numbers a film, not 2048): memory stays small for a whole archive
+                feats.append(None if batch.features is None or ref is None else ref.reduce(batch.features[k : k + 1])[0])
     if not keep:
         raise NoInputs(f"no candidate left to select from ({', '.join(f'{v} {k}' for k, v in left_out.items() if v)})")
     probs = np.stack(probs)
     features = np.stack(feats) if all(f is not None for f in feats) else None
-    if features is not None and ref is not None:
-        features, labelled = ref.reduce(features), ref.reduced
-    else:
-        labelled = None
+    labelled = ref.reduced if features is not None else None
     if by_patient:
         order, score = _one_per_patient(strategy, probs, features, keep, patients, meta, n, labelled, seed)
     else:

@@ -235,27 +235,40 @@ class ShiftMonitor:
         self.probs: list[np.ndarray] = []
         self.feats: list[np.ndarray] = []
         self.windows: list[dict] = []
-        self._tested_to = 0  # files covered by finished windows
+        self._seen = 0  # files added so far
+        self._open: list[tuple[np.ndarray, np.ndarray | None]] = []  # the current window's batches only
 
     def add(self, probs: np.ndarray, features: np.ndarray | None) -> None:
         if len(probs) == 0:
             return
-        self.probs.append(np.asarray(probs, np.float32))
-        if features is not None:
-            self.feats.append(self.ref.reduce(features))
-        if not self.window:
-            return
-        p, f = self._arrays()
-        while len(p) - self._tested_to >= self.window:
-            a, b = self._tested_to, self._tested_to + self.window
-            w = check(self.ref, p[a:b], None if f is None else f[a:b], self.classes, permutations=200)
-            w["ending_at_file"] = b
+        probs = np.asarray(probs, np.float32)
+        reduced = self.ref.reduce(features) if features is not None else None
+        self.probs.append(probs)
+        if reduced is not None:
+            self.feats.append(reduced)
+        self._seen += len(probs)
+        if self.window:
+            self._open.append((probs, reduced))
+            self._test_full_windows()
+
+    def _test_full_windows(self) -> None:
+        """Test each complete block of `window` files; only the open window's rows are concatenated, so a
+        long run costs O(files), not O(files²)."""
+        pending = sum(len(p) for p, _ in self._open)
+        while pending >= self.window:
+            p = np.concatenate([b[0] for b in self._open])
+            f = np.concatenate([b[1] for b in self._open]) if all(b[1] is not None for b in self._open) else None
+            w = check(self.ref, p[: self.window], None if f is None else f[: self.window], self.classes, permutations=200)
+            end = self._seen - pending + self.window
+            w["ending_at_file"] = end
             self.windows.append(w)
             if w.get("detected"):
                 import logging
 
-                logging.getLogger(__name__).warning("files %d–%d: %s", a + 1, b, w["warning"])
-            self._tested_to = b
+                logging.getLogger(__name__).warning("files %d–%d: %s", end - self.window + 1, end, w["warning"])
+            rest = (p[self.window:], None if f is None else f[self.window:])
+            self._open = [rest] if len(rest[0]) else []
+            pending -= self.window
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         p = np.concatenate(self.probs) if self.probs else np.zeros((0, len(self.classes)), np.float32)
