@@ -18,7 +18,7 @@ from medres.data.dataset import open_store, stream
 from medres.data.manifest import Manifest
 from medres.errors import ManifestInvalid, UsageError
 from medres.files import atomic_write, csv_text
-from medres.inference import Predictor, to_probs
+from medres.inference import PROB_DECIMALS, Predictor, to_probs
 from medres.io import PreprocessSpec
 from medres.metrics import brier, ece, point_metrics, predict_labels
 from medres.model import ModelMeta, load_checkpoint
@@ -308,7 +308,7 @@ def evaluate(
     for i in range(len(frame)):
         truth = meta.classes[int(y[i].argmax())] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, y[i]) if v == 1)
         pred = meta.classes[int(labels[i])] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, labels[i]) if v)
-        rows.append([frame["path"].iloc[i], frame["patient_id"].iloc[i], truth] + [f"{v:.6f}" for v in p_cal[i]] + [pred])
+        rows.append([frame["path"].iloc[i], frame["patient_id"].iloc[i], truth] + [f"{v:.{PROB_DECIMALS}f}" for v in p_cal[i]] + [pred])
     atomic_write(out / "per_case.csv", csv_text(["path", "patient_id", "label"] + [f"prob_{c}" for c in meta.classes] + ["prediction"], rows))
     run = Path(checkpoint).parent  # a run folder: its training curves and model card
     if (run / "curves.png").is_file():

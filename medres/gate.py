@@ -275,6 +275,15 @@ class Verdict:
     orientation: str = ""
     refusal: tuple[str, str] | None = None
 
+    @property
+    def flagged(self) -> bool:
+        """Out of distribution, or not the way up the training films were: what `--gate reject` refuses."""
+        return flagged(self.in_distribution, self.orientation)
+
+
+def flagged(in_distribution: bool | None, orientation: str) -> bool:
+    return in_distribution is False or orientation not in ("", "as trained")
+
 
 def verdicts(shown: list[str], ood: np.ndarray | None, orientation: list[tuple[str | None, str]] | None, detector: "OodDetector | None", gate: str) -> list[Verdict]:
     """The one place `predict` and `report` turn a batch's gate scores into per-film verdicts."""

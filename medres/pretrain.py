@@ -117,7 +117,7 @@ def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, show_progres
     with bar.task("pretrain", total=(p.epochs - start) * steps) as tick:
         for epoch in range(start, p.epochs):
             loss = _epoch(model, head, opt, store, rows, patients, cfg, epoch, steps, mean, std, device, dtype, tick)
-            spread = embedding_std(model, store, rows, mean, std, cfg, device, dtype)
+            spread = embedding_spread(model, store, rows, mean, std, cfg, device, dtype)
             record = {"epoch": epoch + 1, "train_loss": loss, "embedding_spread": spread}
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -127,7 +127,8 @@ def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, show_progres
 
             write_curves(out)
             log.info("pretrain epoch %s", json.dumps(record))
-    spread = embedding_std(model, store, rows, mean, std, cfg, device, dtype)
+    if start >= p.epochs:  # resumed after the last epoch: nothing was measured in this call
+        spread = embedding_spread(model, store, rows, mean, std, cfg, device, dtype)
     store.close()
     summary = {"method": "vicreg", "films": int(len(rows)), "epochs": p.epochs, "embedding_spread": spread, "collapsed": spread < COLLAPSE_SPREAD,
                "backbone": str(out / BACKBONE)}
@@ -175,7 +176,7 @@ def _epoch(model, head, opt, store, rows, patients, cfg: Config, epoch: int, ste
 
 
 @torch.inference_mode()
-def embedding_std(model, store, rows, mean, std, cfg: Config, device, dtype, *, n: int = 256) -> float:
+def embedding_spread(model, store, rows, mean, std, cfg: Config, device, dtype, *, n: int = 256) -> float:
     """How far apart the films' pooled features are: the mean per-dimension standard deviation across up
     to `n` films over the mean absolute feature value. 0 when every film maps to one point (collapse);
     scale-free, so a network whose features are merely small is not called collapsed."""

@@ -22,7 +22,7 @@ from PIL import Image
 from medres import conformal
 from medres.cam import CamResult, cam_from_features, compute_cam, find_layer, occlusion_maps, upsample
 from medres.errors import NoInputs, UsageError
-from medres.gate import verdicts
+from medres.gate import flagged, verdicts
 from medres.shift import monitor_for, summary_line
 from medres.files import atomic_path, atomic_write
 from medres.inference import Predictor
@@ -471,7 +471,7 @@ def _index_rows(cases: list[Case], meta) -> list[dict]:
             r.update(code=code, message=c.error)
         else:
             r.update(probs=[round(v, 6) for v in c.probs], pos=c.positive, pred=c.predicted, set=c.prediction_set, ood=c.ood_score,
-                     flag=c.in_distribution is False or c.orientation not in ("", "as trained"), page=f"cases/{c.name}.html",
+                     flag=flagged(c.in_distribution, c.orientation), page=f"cases/{c.name}.html",
                      thumb=f"cases/{c.name}_thumb.png")
             if c.deletion_auc is not None:
                 r.update(deletion=round(c.deletion_auc, 4), insertion=round(c.insertion_auc, 4))

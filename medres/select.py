@@ -91,6 +91,7 @@ def select(checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *,
            exclude: str | Path | None = None, seed: int = 0, overwrite: bool = False, workers: int = 0) -> pd.DataFrame:
     """Score `inputs` and write the `n` files to label next to `out` (a manifest to fill in)."""
     from medres.errors import OutputExists
+    from medres.gate import verdicts
     from medres.model import load_checkpoint
     from medres.predict import gate_of
     from medres.run import resolve_checkpoint
@@ -114,11 +115,10 @@ def select(checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *,
     left_out = {"failed or refused": 0, "flagged by the input gate": 0, "already in the training manifest": 0}
     for batch in scored_batches(files, scorer, workers=workers, detector=detector, expect=expect, features=True):
         good = batch.good
-        ood = batch.ood if batch.ood is not None else np.zeros(len(good))
-        orient = batch.orientation or [(None, "")] * len(good)
+        judged = verdicts([d.file.shown for d in good], batch.ood, batch.orientation, detector, "flag")
         left_out["failed or refused"] += len(batch.items) - len(good)
         for k, d in enumerate(good):
-            if (detector is not None and ood[k] > detector.threshold) or orient[k][0]:
+            if judged[k].flagged:
                 left_out["flagged by the input gate"] += 1
             elif str(Path(d.file.full).resolve()) in known:
                 left_out["already in the training manifest"] += 1
