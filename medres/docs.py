@@ -86,6 +86,7 @@ _ERROR_HELP = {
     "MANIFEST_INVALID": "missing column, unknown/empty/NaN label, empty manifest",
     "SPLIT_LEAKAGE": "a patient or identical file in two splits",
     "OUTPUT_EXISTS": "output exists and --overwrite/--resume was not given",
+    "OUTPUT_FAILED": "an output could not be written (disk full, over quota, read-only); the old file is kept",
     "NO_INPUTS": "no input files found",
     "WEIGHTS_INVALID": "weights are not a torchvision-layout ResNet50 (lists missing/unexpected keys)",
     "WEIGHTS_NOT_FOUND": "pretrained file missing (names the file and folder)",

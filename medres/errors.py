@@ -144,6 +144,12 @@ class OutputExists(UsageError):
     code = "OUTPUT_EXISTS"
 
 
+class OutputFailed(MedresError):
+    """An output could not be written: the disk is full, over quota, read-only or not writable."""
+
+    code = "OUTPUT_FAILED"
+
+
 class NoInputs(UsageError):
     code = "NO_INPUTS"
 

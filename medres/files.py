@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from medres.errors import OutputExists, PathOutsideRoot
+from medres.errors import OutputExists, OutputFailed, PathOutsideRoot
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -24,7 +26,10 @@ def atomic_path(path: str | Path, *, overwrite: bool = True, durable: bool = Tru
     if path.exists() and not overwrite:
         raise OutputExists(f"{path} exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _output_failed(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -33,8 +38,34 @@ def atomic_path(path: str | Path, *, overwrite: bool = True, durable: bool = Tru
             with open(tmp_path, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise _output_failed(path, exc) from None
+        raise
+    except RuntimeError as exc:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file"
+        if "writ" in str(exc) and _free_bytes(path.parent) < _LOW_DISK:
+            raise _output_failed(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_LOW_DISK = 64 * 1024 * 1024
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def _output_failed(path: Path, exc: OSError) -> OutputFailed:
+    """One line naming the file, the reason and the room left; the previous file (if any) is untouched."""
+    free = _free_bytes(path.parent if path.parent.exists() else Path("."))
+    reason = exc.strerror or str(exc)
+    return OutputFailed(f"cannot write: {reason} ({free / 2**20:.0f} MB free in {path.parent})", path=str(path))
 
 
 def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -> None:

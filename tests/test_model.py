@@ -165,3 +165,30 @@ def test_atomic_save_survives_exception(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
     load_checkpoint(path)
+
+
+def test_full_disk_is_one_line_error_and_old_file_kept(tmp_path, monkeypatch):
+    """A full disk (ENOSPC from the writer) is OUTPUT_FAILED naming the file and the room left."""
+    import errno
+
+    import safetensors.torch
+
+    from medres.errors import OutputFailed
+
+    m = build_model(2)
+    meta = ModelMeta(classes=["a", "b"], task="multiclass", preprocess={}, mean=[0.5] * 3, std=[0.2] * 3)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, m, meta)
+    before = path.read_bytes()
+
+    def full(*a, **k):
+        open(a[1], "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OutputFailed) as caught:
+        save_checkpoint(path, m, meta)
+    line = str(caught.value)
+    assert line.startswith(f"[OUTPUT_FAILED] {path}: cannot write: No space left on device (") and "MB free in" in line
+    assert "\n" not in line and path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
