@@ -195,6 +195,34 @@ class ExportParityError(MedresError):
     exit_code = 1
 
 
+# --- PACS ------------------------------------------------------------------------------
+class PacsError(MedresError):
+    """`medres pacs` / `medres listen`: talking to a PACS over DICOMweb or DIMSE."""
+
+    code = "PACS_ERROR"
+    exit_code = 4
+
+
+class PacsUnreachable(PacsError):
+    code = "PACS_UNREACHABLE"
+
+
+class PacsAuthFailed(PacsError):
+    code = "PACS_AUTH_FAILED"
+
+
+class PacsAssociationRejected(PacsError):
+    code = "PACS_ASSOCIATION_REJECTED"
+
+
+class PacsNoImages(PacsError):
+    code = "PACS_NO_IMAGES"
+
+
+class PacsStoreRejected(PacsError):
+    code = "PACS_STORE_REJECTED"
+
+
 def all_codes() -> dict[str, type[MedresError]]:
     """Every stable code, for the README's error table and its test."""
     out: dict[str, type[MedresError]] = {}
