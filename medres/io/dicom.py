@@ -9,12 +9,16 @@ Decoding uses pydicom 3's pixel backend (`Dataset.pixel_array`), which masks unu
 sign-extends signed data and handles big-endian; compressed syntaxes go through pylibjpeg,
 python-gdcm or pyjpegls plugins. LUT sequences use pydicom's `apply_modality_lut`/`apply_voi`
 (pydicom.pixels.processing), windowing is done here so the function and values are recorded.
+
+Nothing reaches the console raw: pydicom's warnings become record warnings, and what a C codec
+prints while decoding goes into the error's message, or a debug log line when decoding succeeded
+(medres/io/capture.py; not captured in multi-threaded processes, see there).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +38,10 @@ from medres.errors import (
     UnsupportedPhotometric,
     UnsupportedTransferSyntax,
 )
+from medres.io.capture import c_stderr_captured, collected_warnings, one_line
 from medres.io.record import Record, clean_code_string
+
+log = logging.getLogger(__name__)
 
 # pip packages that provide each decoder family (named in DECODER_MISSING messages).
 _PACKAGES = {
@@ -66,9 +73,7 @@ def package_for(uid: UID) -> str:
 def read_dataset(path: Path, rec: Record, *, preamble: bool) -> pydicom.Dataset:
     """Parse the file. Without a preamble/file meta the dataset is accepted with a warning."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(str(path), force=True)
+        ds = pydicom.dcmread(str(path), force=True)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except BaseException as exc:  # noqa: BLE001 — parser boundary: any failure on hostile bytes is "not DICOM"
@@ -165,6 +170,9 @@ def validate_pixel_module(ds: pydicom.Dataset, rec: Record, *, max_megapixels: f
             raise DecoderMissing(
                 f"no installed decoder for '{uid.name}' ({uid}); install: pip install {package_for(uid)}"
             )
+        unsupported = _unsupported_by_installed(uid, bits_stored)
+        if unsupported:
+            raise DecoderMissing(unsupported)
     else:
         expected = math.ceil(rows * cols * frames * spp * bits_alloc / 8)
         got = len(ds.PixelData) if ds.PixelData is not None else 0
@@ -185,10 +193,48 @@ def _decoder_available(uid: UID) -> bool:
         return False
 
 
+def _unsupported_by_installed(uid: UID, bits_stored: int) -> str | None:
+    """Why no installed plugin can decode this file although some plugin for its syntax is installed,
+    or None. pydicom 3's gdcm and pillow plugins refuse JPEG Extended with BitsStored other than 8
+    (12-bit samples); only its pylibjpeg plugin (pylibjpeg-libjpeg) decodes those."""
+    if uid != pydicom.uid.JPEGExtended12Bit or bits_stored == 8:
+        return None
+    decoder = pydicom.pixels.get_decoder(uid)
+    if "pylibjpeg" in decoder.available_plugins:
+        return None
+    plugin = next((m for m in decoder.missing_dependencies if m.startswith("pylibjpeg ")), "pylibjpeg - requires pylibjpeg and pylibjpeg-libjpeg")
+    return (
+        f"no installed decoder supports {bits_stored}-bit '{uid.name}' ({uid}): the installed plugins "
+        f"({', '.join(decoder.available_plugins)}) decode 8-bit samples only, pydicom's plugin {plugin}; "
+        "install: pip install pylibjpeg pylibjpeg-libjpeg"
+    )
+
+
+def _reason(exc: BaseException, uid: UID, codec_output: list[str]) -> str:
+    """The decoder's own reason on one line: pydicom's per-plugin messages, what the codec printed,
+    and the plugins for this syntax that are not installed (pydicom's registry knows their packages)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Unable to decode as exceptions were raised by all available plugins"):
+        lines = lines[1:]  # "  gdcm: ...", "  pylibjpeg: ..." follow
+    text = one_line("; ".join(lines), 400) or "no message"
+    parts = [f"{type(exc).__name__}: {text}"]
+    if codec_output:
+        parts.append("decoder printed: " + one_line(" / ".join(codec_output), 400))
+    if uid.is_compressed:
+        try:
+            missing = pydicom.pixels.get_decoder(uid).missing_dependencies
+        except NotImplementedError:
+            missing = []
+        if missing:
+            parts.append("plugins not installed: " + ", ".join(missing))
+    return "; ".join(parts)
+
+
 def decode(ds: pydicom.Dataset, rec: Record, frame: int | None) -> np.ndarray:
+    uid = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        # Only compressed syntaxes run C codecs (gdcm's libjpeg/OpenJPEG print to stderr).
+        with c_stderr_captured(enabled=uid.is_compressed) as codec_output:
             if frame is not None:
                 ds.pixel_array_options(index=frame)
             arr = ds.pixel_array
@@ -197,13 +243,14 @@ def decode(ds: pydicom.Dataset, rec: Record, frame: int | None) -> np.ndarray:
     except BaseException as exc:  # noqa: BLE001 — codec boundary: C/Rust plugins raise many types, pyo3's PanicException derives from BaseException
         # DECODER_MISSING is decided by pydicom's decoder-availability API, never by message text: a
         # damaged stream ("SOI marker missing") must be DECODE_FAILED, not advice to pip install.
-        uid = UID(str(ds.file_meta.TransferSyntaxUID))
         if uid.is_compressed and not _decoder_available(uid):
             raise DecoderMissing(f"no working decoder for '{uid.name}'; install: pip install {package_for(uid)}") from None
         text = str(exc).lower()
         if "shorter" in text or "truncat" in text or "insufficient" in text or "not enough" in text:
-            raise PixelDataShort("pixel data is shorter than the image module declares") from None
-        raise DecodeFailed(f"pixel data could not be decoded ({type(exc).__name__})") from None
+            raise PixelDataShort(f"pixel data is shorter than the image module declares ({_reason(exc, uid, codec_output)})") from None
+        raise DecodeFailed(f"pixel data could not be decoded ({_reason(exc, uid, codec_output)})") from None
+    if codec_output:
+        log.debug("%s: the decoder printed while decoding successfully: %s", rec.path, one_line(" / ".join(codec_output), 400))
     if arr.ndim != 2:
         raise UnsupportedPhotometric(f"decoded pixel array has shape {arr.shape}, expected 2-D greyscale")
     rec.step(f"decoded {rec.transfer_syntax}: {arr.shape[0]}x{arr.shape[1]}, {arr.dtype}, {rec.bits_stored} of {rec.bits_allocated} bits{' signed' if rec.signed else ''}")
@@ -399,15 +446,22 @@ def _presentation_lut(x: np.ndarray, ds: pydicom.Dataset, rec: Record) -> np.nda
 def load_dicom(path: Path, rec: Record, *, voi: str | int, max_megapixels: float, preamble: bool, frame: int | None = None) -> np.ndarray:
     """DICOM file → float32 (H, W) in [0, 1], bright = dense, every step in `rec`."""
     rec.format = "dicom"
-    ds = read_dataset(path, rec, preamble=preamble)
-    validate_pixel_module(ds, rec, max_megapixels=max_megapixels, frame=frame)
-    arr = decode(ds, rec, frame)
-    if arr.size == 0:
-        raise InvalidPixelModule("decoded image is empty")
-    x = modality_transform(arr, ds, rec)
-    if not np.isfinite(x).all():
-        raise InvalidPixelModule("modality transform produced non-finite values")
-    if float(x.max()) == float(x.min()):
-        raise DegenerateImage(f"constant image (every pixel is {float(x.min()):g})")
-    x = voi_transform(x, ds, rec, voi)
-    return presentation_transform(x, ds, rec)
+    # pydicom converts elements lazily, so its warnings (an invalid IS value, ...) can come from any
+    # step: all of them become record warnings (`medres inspect` shows them under the file).
+    with collected_warnings() as pydicom_warnings:
+        try:
+            ds = read_dataset(path, rec, preamble=preamble)
+            validate_pixel_module(ds, rec, max_megapixels=max_megapixels, frame=frame)
+            arr = decode(ds, rec, frame)
+            if arr.size == 0:
+                raise InvalidPixelModule("decoded image is empty")
+            x = modality_transform(arr, ds, rec)
+            if not np.isfinite(x).all():
+                raise InvalidPixelModule("modality transform produced non-finite values")
+            if float(x.max()) == float(x.min()):
+                raise DegenerateImage(f"constant image (every pixel is {float(x.min()):g})")
+            x = voi_transform(x, ds, rec, voi)
+            return presentation_transform(x, ds, rec)
+        finally:
+            for w in pydicom_warnings:
+                rec.warn(w)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import dictionary_has_tag
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 from medres.errors import DecodeFailed, FileMissing, IngestError, NotAnImage
 from medres.io.cache import ImageCache, file_digest
@@ -15,8 +18,31 @@ from medres.io.record import LoadedImage, PreprocessSpec, Record
 from medres.io.resize import resize_to_square
 
 _RASTER_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
-# A bare DICOM dataset (no preamble) starts with a group 0x0002 or 0x0008 tag, little or big endian.
+# A bare DICOM dataset (no preamble) most often starts with a group 0x0002 or 0x0008 tag, little or big endian.
 _BARE_DICOM_START = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+_VRS = frozenset(v.value.encode() for v in VR if len(v.value) == 2)
+_VRS_LONG = frozenset(v.value.encode() for v in EXPLICIT_VR_LENGTH_32)  # 2 reserved zero bytes, then a 4-byte length
+
+
+def _starts_with_element(head: bytes, size: int) -> bool:
+    """Does `head` start with a data element (PS3.5 7.1) of a standard group? Explicit VR: a tag with
+    an even group 0x0002–0x7FE0 (little or big endian), then a VR name (and, for OB/OW/SQ/UN/UT...,
+    two zero bytes). Implicit VR (little endian only): a tag in the DICOM dictionary, then a length
+    that fits in the file. A dataset stripped of group 0x0008 starts at 0x0010, 0x0020 or 0x0028."""
+    if len(head) < 8:
+        return False
+    for order in "<>":
+        group, element = struct.unpack(order + "HH", head[:4])
+        if group % 2 or not 0x0002 <= group <= 0x7FE0:
+            continue
+        vr = head[4:6]
+        if vr in _VRS and (vr not in _VRS_LONG or head[6:8] == b"\0\0"):
+            return True
+        if order == "<" and dictionary_has_tag(group << 16 | element):
+            length = struct.unpack("<I", head[4:8])[0]
+            if length == 0xFFFFFFFF or length <= size - 8:
+                return True
+    return False
 
 
 def sniff(path: Path) -> str:
@@ -24,6 +50,7 @@ def sniff(path: Path) -> str:
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
+            size = os.fstat(fh.fileno()).st_size
     except FileNotFoundError:
         raise FileMissing("file not found") from None
     except IsADirectoryError:
@@ -36,7 +63,7 @@ def sniff(path: Path) -> str:
         return "dicom"
     if head.startswith(_RASTER_MAGIC):
         return "raster"
-    if head[:2] in _BARE_DICOM_START and len(head) >= 8:
+    if (head[:2] in _BARE_DICOM_START and len(head) >= 8) or _starts_with_element(head, size):
         return "dicom-bare"
     raise NotAnImage("content is not DICOM, PNG, JPEG, TIFF or BMP")
 
