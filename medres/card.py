@@ -9,7 +9,6 @@ Both renderings come from one list of sections made of paragraphs, bullet lists,
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import platform
@@ -103,24 +102,40 @@ def label_states_table(run: "RunDir") -> list[list]:
 
 
 def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
+    """The card's sections, in SECTIONS order, from the run folder and (optionally) an evaluate folder."""
     from medres.run import RunDir
 
     rd = RunDir.open(run)
-    run = rd.folder
-    ckpt = rd.checkpoint
-    _, meta = load_checkpoint(ckpt)
+    _, meta = load_checkpoint(rd.checkpoint)
     cfg = yaml.safe_load(rd.path("config.yaml").read_text(encoding="utf-8"))
-    ev = None
-    if eval_dir is not None:
-        path = Path(eval_dir) / "metrics.json"
-        if not path.is_file():
-            raise UsageError(f"--eval {eval_dir}: no metrics.json (run medres evaluate --run {run} --out {eval_dir} first)")
-        ev = json.loads(path.read_text(encoding="utf-8"))
-    manifest = cfg.get("data", {}).get("manifest")
+    ev = _load_eval(eval_dir, rd.folder)
     counts, source = data_counts(rd)
     s = {t: Section(t) for t in SECTIONS}
+    _model_details(s["Model details"], rd, meta, cfg)
+    _intended_use(s["Intended use"], meta)
+    _factors(s["Factors"], ev)
+    _metrics(s["Metrics"], meta)
+    _evaluation_data(s["Evaluation data"], ev)
+    _training_data(s["Training data"], rd, meta, cfg, counts, source)
+    _quantitative_analyses(s["Quantitative analyses"], meta, ev)
+    _ethical_considerations(s["Ethical considerations"])
+    _monitoring(s["Monitoring"], meta, ev)
+    _caveats(s["Caveats and recommendations"], ev)
+    return [s[t] for t in SECTIONS]
 
-    d = s["Model details"]
+
+def _load_eval(eval_dir: str | Path | None, run: Path) -> dict | None:
+    """An evaluate folder's metrics.json, or None when no folder was given."""
+    if eval_dir is None:
+        return None
+    path = Path(eval_dir) / "metrics.json"
+    if not path.is_file():
+        raise UsageError(f"--eval {eval_dir}: no metrics.json (run medres evaluate --run {run} --out {eval_dir} first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _model_details(d: Section, rd: "RunDir", meta, cfg: dict) -> None:
+    run, ckpt = rd.folder, rd.checkpoint
     d.p(RUO)
     d.ul([
         f"Name: {cfg.get('name', run.name)}; architecture {meta.arch} (torchvision-identical ResNet50, new {len(meta.classes)}-way head), task {meta.task}",
@@ -134,7 +149,8 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
     if (run / "curves.png").is_file():
         d.img(run / "curves.png", "training curves")
 
-    u = s["Intended use"]
+
+def _intended_use(u: Section, meta) -> None:
     u.p(f"Research on {', '.join(meta.classes)} classification of chest radiographs: model development, retrospective "
         "evaluation and error analysis by researchers and hospital data teams. " + RUO)
     expect = ", ".join(f"{k} {'/'.join(v)}" for k, v in (meta.expect or {}).items())
@@ -146,12 +162,14 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
         "No OOD detector is stored: run medres calibrate to add one.",
     ])
 
-    f = s["Factors"]
+
+def _factors(f: Section, ev: dict | None) -> None:
     groups = [sg["column"] for sg in (ev or {}).get("subgroups", [])]
     f.p("Relevant factors: acquisition source/site, scanner and view, patient age and sex, disease prevalence. "
         + (f"Audited on the test split by: {', '.join(groups)}." if groups else "No subgroup audit was run (medres evaluate --by COLUMN)."))
 
-    m = s["Metrics"]
+
+def _metrics(m: Section, meta) -> None:
     m.ul([
         "AUROC and average precision per class and macro-averaged; sensitivity, specificity, PPV, NPV and F1 at the operating points chosen on validation "
         f"({meta.threshold_method or 'default 0.5'}: " + ", ".join(f"{c} {t:.3f}" for c, t in zip(meta.classes, meta.effective_thresholds())) + ").",
@@ -161,14 +179,17 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
          "empirical coverage and mean set size.") if meta.conformal else "No conformal sets stored.",
     ])
 
-    e = s["Evaluation data"]
+
+def _evaluation_data(e: Section, ev: dict | None) -> None:
     if ev:
         e.p(f"Split '{ev.get('split') or 'all'}': {ev['images']} images from {ev['patients']} patients, patient-disjoint from training and validation.")
         e.table(["class", "positives"], [[c, ev["per_class"][c]["positives"]] for c in ev["classes"]])
     else:
         e.p("No evaluation given (medres card --eval EVAL_DIR).")
 
-    t = s["Training data"]
+
+def _training_data(t: Section, rd: "RunDir", meta, cfg: dict, counts: pd.DataFrame, source: str | None) -> None:
+    manifest = cfg.get("data", {}).get("manifest")
     names = ", ".join(Path(m).name for m in (manifest if isinstance(manifest, list) else [manifest])) if manifest else "n/a"
     t.p(f"Manifest {names}; patients never cross splits ({cfg.get('data', {}).get('group_by', 'patient_id')}). "
         + (f"Counts by split, class and {source}:" if source else "Counts by split and class:"))
@@ -189,28 +210,12 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
         t.p(f"Label states as the manifest gave them (uncertain policy: {uncertain}; missing labels, and uncertain ones under ignore, are masked):")
         t.table(["class", "positive", "negative", "uncertain", "missing"], states)
 
-    q = s["Quantitative analyses"]
+
+def _quantitative_analyses(q: Section, meta, ev: dict | None) -> None:
     if ev:
-        keys = ("auroc", "average_precision", "sensitivity", "specificity")
-        rows = [[c] + [ci(ev["per_class"][c][k], ev["per_class"][c].get(k + "_ci")) for k in keys] for c in ev["classes"]]
-        rows.append(["macro"] + [ci(ev["macro"][k], ev["macro"].get(k + "_ci")) for k in keys])
-        q.table(["class", "AUROC", "average precision", "sensitivity", "specificity"], rows)
-        if "accuracy" in ev:
-            q.p(f"Accuracy {ci(ev['accuracy'], ev.get('accuracy_ci'))}.")
-        cal = ev["calibration"]
-        q.table(["calibration", "ECE", "Brier"], [["before (T = 1)", fmt(cal["before"]["ece"]), fmt(cal["before"]["brier"])],
-                                                  [f"after (T = {cal['temperature']:.3f})", fmt(cal["after"]["ece"]), fmt(cal["after"]["brier"])]])
-        cf = ev.get("conformal")
-        if cf:
-            q.p(f"Conformal sets ({cf['method']}, target {cf['target']:.2f}): coverage {ci(cf['coverage'], cf.get('coverage_ci'))}, "
-                f"mean set size {ci(cf['mean_set_size'], cf.get('mean_set_size_ci'))}.")
-            for col, groups_ in cf.get("subgroups", {}).items():
-                q.table([col, "images", "coverage", "mean set size"], [[g, v["images"], ci(v["coverage"], v.get("coverage_ci")), ci(v["mean_set_size"], v.get("mean_set_size_ci"))] for g, v in groups_.items()])
-        for sg in ev.get("subgroups", []):
-            q.table([sg["column"], "images", "patients", "macro AUROC"] + [f"{c} AUROC" for c in ev["classes"]],
-                    [[g, v["images"], v["patients"], ci(v["macro"]["auroc"], v["macro"].get("auroc_ci"))] + [fmt(v["per_class"][c]["auroc"]) for c in ev["classes"]] for g, v in sg["groups"].items()])
-            if sg.get("predictability_auroc") is not None:
-                q.p(f"{sg['column']} is predictable from the model outputs with AUROC {fmt(sg['predictability_auroc'])} (≥ 0.8 suggests a shortcut).")
+        _performance_tables(q, ev)
+        _conformal_tables(q, ev.get("conformal"))
+        _subgroup_tables(q, ev)
         if ev.get("ood"):
             o = ev["ood"]
             q.p(f"Input gate on the test split: {o['flagged']} of {ev['images']} images ({fmt(o['flagged_fraction'])}) flagged out of distribution.")
@@ -220,7 +225,38 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
         q.p(f"OOD gate: {meta.ood['method']} on penultimate features of {meta.ood['n_train']} training images; threshold {meta.ood['threshold']:.4f} "
             f"= the {meta.ood['quantile']:.0%} quantile of {meta.ood['n_val']} validation images.")
 
-    x = s["Ethical considerations"]
+
+def _performance_tables(q: Section, ev: dict) -> None:
+    """Per-class and macro metrics with CIs, accuracy, and calibration before/after temperature scaling."""
+    keys = ("auroc", "average_precision", "sensitivity", "specificity")
+    rows = [[c] + [ci(ev["per_class"][c][k], ev["per_class"][c].get(k + "_ci")) for k in keys] for c in ev["classes"]]
+    rows.append(["macro"] + [ci(ev["macro"][k], ev["macro"].get(k + "_ci")) for k in keys])
+    q.table(["class", "AUROC", "average precision", "sensitivity", "specificity"], rows)
+    if "accuracy" in ev:
+        q.p(f"Accuracy {ci(ev['accuracy'], ev.get('accuracy_ci'))}.")
+    cal = ev["calibration"]
+    q.table(["calibration", "ECE", "Brier"], [["before (T = 1)", fmt(cal["before"]["ece"]), fmt(cal["before"]["brier"])],
+                                              [f"after (T = {cal['temperature']:.3f})", fmt(cal["after"]["ece"]), fmt(cal["after"]["brier"])]])
+
+
+def _conformal_tables(q: Section, cf: dict | None) -> None:
+    if not cf:
+        return
+    q.p(f"Conformal sets ({cf['method']}, target {cf['target']:.2f}): coverage {ci(cf['coverage'], cf.get('coverage_ci'))}, "
+        f"mean set size {ci(cf['mean_set_size'], cf.get('mean_set_size_ci'))}.")
+    for col, groups_ in cf.get("subgroups", {}).items():
+        q.table([col, "images", "coverage", "mean set size"], [[g, v["images"], ci(v["coverage"], v.get("coverage_ci")), ci(v["mean_set_size"], v.get("mean_set_size_ci"))] for g, v in groups_.items()])
+
+
+def _subgroup_tables(q: Section, ev: dict) -> None:
+    for sg in ev.get("subgroups", []):
+        q.table([sg["column"], "images", "patients", "macro AUROC"] + [f"{c} AUROC" for c in ev["classes"]],
+                [[g, v["images"], v["patients"], ci(v["macro"]["auroc"], v["macro"].get("auroc_ci"))] + [fmt(v["per_class"][c]["auroc"]) for c in ev["classes"]] for g, v in sg["groups"].items()])
+        if sg.get("predictability_auroc") is not None:
+            q.p(f"{sg['column']} is predictable from the model outputs with AUROC {fmt(sg['predictability_auroc'])} (≥ 0.8 suggests a shortcut).")
+
+
+def _ethical_considerations(x: Section) -> None:
     x.ul([
         "Outputs, logs and this card contain no DICOM identifiers; predict and report write none unless asked explicitly.",
         "Label noise: public chest X-ray labels are often text-mined from reports; metrics inherit that noise.",
@@ -228,16 +264,14 @@ def build(run: str | Path, eval_dir: str | Path | None = None) -> list[Section]:
         "Performance on under-represented groups is unknown where they are absent from the test split.",
     ])
 
-    _monitoring(s["Monitoring"], meta, ev)
 
-    c = s["Caveats and recommendations"]
+def _caveats(c: Section, ev: dict | None) -> None:
     warnings = (ev or {}).get("warnings", [])
     c.ul(([f"Warning from evaluate: {w}" for w in warnings] or ["evaluate raised no warnings."]) + [
         "Validate on your own site's data before drawing conclusions; conformal coverage holds only for data exchangeable with the validation split.",
         "An OOD score is a screen, not a guarantee.",
         RUO,
     ])
-    return [s[t] for t in SECTIONS]
 
 
 def _monitoring(mon: "Section", meta, ev: dict | None) -> None:
@@ -285,26 +319,17 @@ def to_markdown(sections: list[Section], out: Path) -> str:
 
 
 def to_html(sections: list[Section]) -> str:
-    esc = html.escape
-    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8><title>Model card</title><style>"
-             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1000px}table{border-collapse:collapse;margin:.6em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style></head><body><h1>Model card</h1>"]
-    for sec in sections:
-        parts.append(f"<h2>{esc(sec.title)}</h2>")
-        for b in sec.blocks:
-            if b[0] == "p":
-                parts.append(f"<p>{esc(b[1])}</p>")
-            elif b[0] == "ul":
-                parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in b[1]) + "</ul>")
-            elif b[0] == "table":
-                head = "".join(f"<th>{esc(str(h))}</th>" for h in b[1])
-                body = "".join("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>" for r in b[2])
-                parts.append(f"<table><tr>{head}</tr>{body}</table>")
-            elif b[0] == "img":  # inlined: the page is one self-contained file
-                data = base64.b64encode(Path(b[1]).read_bytes()).decode()
-                parts.append(f'<img src="data:image/png;base64,{data}" alt="{esc(b[2])}">')
-    parts.append("</body></html>")
-    return "".join(parts)
+    """The card as one self-contained page (templates/model_card.html, autoescaped; images inlined)."""
+    from medres.templates import render
+
+    return render("model_card.html", sections=[{"title": sec.title, "blocks": [_inline(b) for b in sec.blocks]} for sec in sections])
+
+
+def _inline(block: tuple) -> tuple:
+    """An image block with its PNG as base64 (the page is one self-contained file); other blocks as they are."""
+    if block[0] != "img":
+        return block
+    return ("img", base64.b64encode(Path(block[1]).read_bytes()).decode(), block[2])
 
 
 def write_card(run: str | Path, out: str | Path, eval_dir: str | Path | None = None) -> tuple[Path, Path]:

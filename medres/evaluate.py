@@ -241,15 +241,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(checkpoint)
     manifest = manifest_for(manifest_path, meta, splits_csv)
-    warns: list[str] = []
-    rows = np.arange(len(manifest))
-    if split:
-        if "split" not in manifest.frame.columns:
-            raise UsageError(f"--split {split}: the manifest has no split column; pass --run RUN_DIR (its splits.csv) or --split ''")
-        rows = np.nonzero((manifest.frame["split"] == split).to_numpy())[0]
-        if len(rows) == 0:
-            counts = manifest.frame["split"].replace("", "(blank)").value_counts().to_dict()
-            raise ManifestInvalid(f"{manifest.source}: no rows with split={split} (rows per split: {counts})")
+    rows = _split_rows(manifest, split)
     # The store is keyed by the whole manifest, so the training run's store serves every split.
     from medres.calibration import load_detector
 
@@ -263,12 +255,41 @@ def evaluate(
         first = scored.errors[0][2] if scored.errors else "no error recorded"
         raise ManifestInvalid(f"{manifest.source}: split {split or 'all'}: {len(rows)} rows, none of their images could be read (first: {first}); "
                               "is the data root right (data.root, the manifest's folder)?")
-    warns += [f"skipped {m}" for _, _, m in scored.errors]
     y, z = manifest.targets[ok], scored.logits[ok]
     frame = manifest.frame[ok].reset_index(drop=True)
-    patients = frame["patient_id"].to_numpy()
     p_raw, p_cal = to_probs(z, meta.task, 1.0), to_probs(z, meta.task, meta.temperature)
     thresholds = meta.effective_thresholds()
+    warns = [f"skipped {m}" for _, _, m in scored.errors] + _label_warnings(y, meta)
+    result = _metrics_result(y, p_raw, p_cal, frame["patient_id"].to_numpy(), meta, thresholds, bootstrap, seed)
+    result["split"], result["classes"], result["task"] = split, meta.classes, meta.task
+    result["failed_images"] = len(scored.errors)
+    warns += _audits(result, y, p_cal, z, frame, meta, thresholds, by=by or [], bootstrap=bootstrap, seed=seed)
+    result["estimated_without_labels"], result["shift"] = _label_free_check(checkpoint, meta, p_cal, result)
+    if detector is not None:
+        result["ood"] = _ood_summary(scored.ood[ok], detector)
+    result["warnings"] = warns
+    for w in warns:
+        log.warning(w)
+    _write_outputs(result, out, checkpoint, frame, y, p_raw, p_cal, meta, thresholds, plots=plots)
+    return result
+
+
+def _split_rows(manifest: Manifest, split: str | None) -> np.ndarray:
+    """Indices of the manifest rows in `split` (all rows when `split` is empty)."""
+    if not split:
+        return np.arange(len(manifest))
+    if "split" not in manifest.frame.columns:
+        raise UsageError(f"--split {split}: the manifest has no split column; pass --run RUN_DIR (its splits.csv) or --split ''")
+    rows = np.nonzero((manifest.frame["split"] == split).to_numpy())[0]
+    if len(rows) == 0:
+        counts = manifest.frame["split"].replace("", "(blank)").value_counts().to_dict()
+        raise ManifestInvalid(f"{manifest.source}: no rows with split={split} (rows per split: {counts})")
+    return rows
+
+
+def _label_warnings(y: np.ndarray, meta: ModelMeta) -> list[str]:
+    """Warnings about the operating points and about classes absent from, or partly unlabelled in, the split."""
+    warns = []
     if not meta.thresholds:
         warns.append("checkpoint has no operating points from validation: using 0.5 (run medres calibrate)")
     for j, c in enumerate(meta.classes):
@@ -277,6 +298,11 @@ def evaluate(
         elif np.isnan(y[:, j]).any():
             warns.append(f"class {c}: {int(np.isnan(y[:, j]).sum())} of {len(y)} images have no label for it (missing or uncertain-ignored): "
                          f"its metrics use the {int((~np.isnan(y[:, j])).sum())} labelled ones")
+    return warns
+
+
+def _metrics_result(y, p_raw, p_cal, patients, meta: ModelMeta, thresholds, bootstrap: int, seed: int) -> dict:
+    """Metrics with CIs, calibration before/after temperature scaling, and the operating points used."""
     result = metrics_with_ci(y, p_cal, patients, meta.classes, meta.task, thresholds, bootstrap, seed)
     result["calibration"] = {
         "temperature": meta.temperature,
@@ -284,32 +310,33 @@ def evaluate(
         "after": {"ece": ece(y, p_cal, meta.task), "brier": brier(y, p_cal, meta.task)},
     }
     result["operating_points"] = {"method": meta.threshold_method or "default 0.5", "thresholds": dict(zip(meta.classes, thresholds))}
-    result["split"], result["classes"], result["task"] = split, meta.classes, meta.task
-    result["failed_images"] = len(scored.errors)
+    return result
+
+
+def _audits(result: dict, y, p_cal, z, frame: pd.DataFrame, meta: ModelMeta, thresholds, *, by: list[str], bootstrap: int, seed: int) -> list[str]:
+    """The subgroup audit per `--by` column and the conformal audit, added to `result`; their warnings."""
+    warns: list[str] = []
     result["subgroups"] = []
-    for column in by or []:
+    for column in by:
         table, w = subgroup_audit(y, p_cal, z, frame, column, meta.classes, meta.task, thresholds, bootstrap, seed)
         result["subgroups"].append(table)
         warns += w
     if meta.conformal:
-        result["conformal"], w = conformal_audit(y, p_cal, frame, meta, by or [], bootstrap, seed)
+        result["conformal"], w = conformal_audit(y, p_cal, frame, meta, by, bootstrap, seed)
         warns += w
-    result["estimated_without_labels"], result["shift"] = _label_free_check(checkpoint, meta, p_cal, result)
-    if detector is not None:
-        flagged = scored.ood[ok] > detector.threshold
-        result["ood"] = {"threshold": detector.threshold, "quantile": detector.quantile, "flagged": int(flagged.sum()),
-                         "flagged_fraction": float(flagged.mean()) if len(flagged) else None}
-    result["warnings"] = warns
-    for w in warns:
-        log.warning(w)
+    return warns
 
-    labels = predict_labels(p_cal, meta.task, thresholds)
-    rows = []
-    for i in range(len(frame)):
-        truth = meta.classes[int(y[i].argmax())] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, y[i]) if v == 1)
-        pred = meta.classes[int(labels[i])] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, labels[i]) if v)
-        rows.append([frame["path"].iloc[i], frame["patient_id"].iloc[i], truth] + [f"{v:.{PROB_DECIMALS}f}" for v in p_cal[i]] + [pred])
-    atomic_write(out / "per_case.csv", csv_text(["path", "patient_id", "label"] + [f"prob_{c}" for c in meta.classes] + ["prediction"], rows))
+
+def _ood_summary(ood: np.ndarray, detector) -> dict:
+    """How many evaluated images the input gate would flag (its false-flag rate on in-distribution data)."""
+    flagged = ood > detector.threshold
+    return {"threshold": detector.threshold, "quantile": detector.quantile, "flagged": int(flagged.sum()),
+            "flagged_fraction": float(flagged.mean()) if len(flagged) else None}
+
+
+def _write_outputs(result: dict, out: Path, checkpoint, frame: pd.DataFrame, y, p_raw, p_cal, meta: ModelMeta, thresholds, *, plots: bool) -> None:
+    """per_case.csv, metrics.json (with links to the run's curves and card) and, with `plots`, the plots and report.html."""
+    atomic_write(out / "per_case.csv", _per_case_csv(frame, y, p_cal, meta, thresholds))
     run = Path(checkpoint).parent  # a run folder: its training curves and model card
     if (run / "curves.png").is_file():
         result["curves"] = os.path.relpath(run / "curves.png", out)
@@ -321,7 +348,17 @@ def evaluate(
 
         result["plots"] = write_plots(out, y, p_raw, p_cal, meta, thresholds)
         atomic_write(out / "report.html", render_html(result))
-    return result
+
+
+def _per_case_csv(frame: pd.DataFrame, y, p_cal, meta: ModelMeta, thresholds) -> str:
+    """One row per evaluated image: path, patient, true label(s), calibrated probabilities, prediction."""
+    labels = predict_labels(p_cal, meta.task, thresholds)
+    rows = []
+    for i in range(len(frame)):
+        truth = meta.classes[int(y[i].argmax())] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, y[i]) if v == 1)
+        pred = meta.classes[int(labels[i])] if meta.task == "multiclass" else "|".join(c for c, v in zip(meta.classes, labels[i]) if v)
+        rows.append([frame["path"].iloc[i], frame["patient_id"].iloc[i], truth] + [f"{v:.{PROB_DECIMALS}f}" for v in p_cal[i]] + [pred])
+    return csv_text(["path", "patient_id", "label"] + [f"prob_{c}" for c in meta.classes] + ["prediction"], rows)
 
 
 def _label_free_check(checkpoint, meta: ModelMeta, p_cal: np.ndarray, result: dict) -> tuple[dict | None, dict | None]:

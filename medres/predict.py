@@ -255,15 +255,8 @@ def predict(
     from medres.model import load_checkpoint
 
     out = Path(out)
-    if fmt not in ("csv", "jsonl", "parquet"):
-        raise UsageError(f"--format must be csv, jsonl or parquet, got {fmt!r}")
     ranks = torchrun_rank()
-    if ranks and shard_spec:
-        raise UsageError("--shard and torchrun both split the inputs: use one of them")
-    if out.exists() and not (overwrite or resume):
-        raise OutputExists(f"{out} exists; pass --overwrite to replace it or --resume to finish it")
-    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed run (SIGKILL skips cleanup)
-        stale.unlink(missing_ok=True)
+    _check_output(out, fmt=fmt, ranks=ranks, shard_spec=shard_spec, overwrite=overwrite, resume=resume)
     files = discover(inputs)
     if not files:
         raise NoInputs(f"no input files found in {', '.join(str(i) for i in inputs)} (hidden and sidecar files such as .csv/.json/.txt are skipped)")
@@ -274,11 +267,7 @@ def predict(
     model, meta = load_checkpoint(checkpoint)
     scorer = scorer_for(checkpoint, model, meta, device=device, precision=precision, backend=backend, onnx_path=onnx_path)
     expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate, scorer=scorer)
-    journal = Journal(out, columns(meta), fmt, name=f".{out.name}.part-{ranks[0]}-of-{ranks[1]}" if ranks else None)
-    if journal.path.exists() and not (resume or overwrite):  # a killed run's rows: never dropped silently
-        raise OutputExists(f"{journal.path} holds the rows of an interrupted run; pass --resume to continue it or --overwrite to start over")
-    if ranks and resume and out.exists() and not journal.path.exists():
-        raise UsageError(f"{out} is complete; under torchrun --resume continues from the per-rank journals of a killed run (use --overwrite to score again)")
+    journal = _open_journal(out, meta, fmt=fmt, ranks=ranks, overwrite=overwrite, resume=resume)
     done = journal.start(resume=resume)
     todo = [f for f in mine if f.shown not in done]
     result = PredictResult(out=out, total=len(mine), skipped_existing=len(mine) - len(todo))
@@ -294,19 +283,52 @@ def predict(
                      expect=expectations, detector=detector, gate=gate, pool=decode_pool, monitor=monitor)
     finally:
         journal.close()  # a crash keeps every finished row in the journal for --resume
+    _finish(journal, files, ranks, result, monitor)
+    result.seconds = time.perf_counter() - t0
+    if monitor is not None and not ranks:
+        _write_shift(result, monitor, out)
+    return result
+
+
+def _check_output(out: Path, *, fmt: str, ranks: tuple[int, int] | None, shard_spec: str | None, overwrite: bool, resume: bool) -> None:
+    """Refuse a bad format, --shard under torchrun and an existing output (unless --overwrite/--resume);
+    remove the temporary files a killed run left beside `out`."""
+    if fmt not in ("csv", "jsonl", "parquet"):
+        raise UsageError(f"--format must be csv, jsonl or parquet, got {fmt!r}")
+    if ranks and shard_spec:
+        raise UsageError("--shard and torchrun both split the inputs: use one of them")
+    if out.exists() and not (overwrite or resume):
+        raise OutputExists(f"{out} exists; pass --overwrite to replace it or --resume to finish it")
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed run (SIGKILL skips cleanup)
+        stale.unlink(missing_ok=True)
+
+
+def _open_journal(out: Path, meta, *, fmt: str, ranks: tuple[int, int] | None, overwrite: bool, resume: bool) -> Journal:
+    """This process's journal (one per rank under torchrun), refusing to drop an interrupted run's rows."""
+    journal = Journal(out, columns(meta), fmt, name=f".{out.name}.part-{ranks[0]}-of-{ranks[1]}" if ranks else None)
+    if journal.path.exists() and not (resume or overwrite):  # a killed run's rows: never dropped silently
+        raise OutputExists(f"{journal.path} holds the rows of an interrupted run; pass --resume to continue it or --overwrite to start over")
+    if ranks and resume and out.exists() and not journal.path.exists():
+        raise UsageError(f"{out} is complete; under torchrun --resume continues from the per-rank journals of a killed run (use --overwrite to score again)")
+    return journal
+
+
+def _finish(journal: Journal, files: list[InputFile], ranks: tuple[int, int] | None, result: PredictResult, monitor) -> None:
+    """The final table (joined over ranks under torchrun) and the totals in `result`."""
     if ranks:
         _join_ranks(journal, files, ranks, result)
     else:
         journal.finish([f.shown for f in files])
     result.bytes_written = journal.bytes_written
     result.by_code["ok"] = result.scored
-    result.seconds = time.perf_counter() - t0
-    if monitor is not None and not ranks:
-        result.shift, result.shift_path = monitor.result(), shift_path(out)
-        atomic_write(result.shift_path, json.dumps(result.shift, indent=2))
-        if result.shift.get("detected"):
-            log.warning(result.shift["warning"])
-    return result
+
+
+def _write_shift(result: PredictResult, monitor, out: Path) -> None:
+    """The folder-level shift test, into `result` and OUT.shift.json; a warning when a shift is detected."""
+    result.shift, result.shift_path = monitor.result(), shift_path(out)
+    atomic_write(result.shift_path, json.dumps(result.shift, indent=2))
+    if result.shift.get("detected"):
+        log.warning(result.shift["warning"])
 
 
 def shift_path(out: Path) -> Path:

@@ -128,3 +128,24 @@ def test_tensorboard_and_mlflow_against_local_stores(phantoms, tmp_path):
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.safetensors", "model_card.md", "curves.png", "config.yaml"} <= names
     assert str(out / "mlartifacts") in run.info.artifact_uri
+
+
+def test_card_html_is_rendered_from_its_template_and_escaped(carded):
+    """The page comes from templates/model_card.html (Jinja2, autoescaped): card values are escaped, never markup."""
+    from pathlib import Path
+
+    import medres.templates
+    from medres.card import Section, to_html
+
+    template = Path(medres.templates.__file__).parent / "model_card.html"
+    assert template.is_file()
+    style = template.read_text(encoding="utf-8").splitlines()[1]  # the template's <style> line, verbatim
+    _, page, ev, _ = carded
+    assert style in page and f"<td>{ev['classes'][0]}</td>" in page
+    sec = Section("Model details")
+    sec.p("AUROC < 0.8 & <script>x</script>")
+    sec.table(["class", "n"], [["<covid>", 3]])
+    html = to_html([sec])
+    assert style in html and "<h2>Model details</h2>" in html
+    assert "<p>AUROC &lt; 0.8 &amp; &lt;script&gt;x&lt;/script&gt;</p>" in html and "<td>&lt;covid&gt;</td><td>3</td>" in html
+    assert "<script>" not in html
