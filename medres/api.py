@@ -40,21 +40,33 @@ class Model:
     def predict(self, inputs: "list[str | Path] | str | Path | pd.DataFrame", *, gate: str = "flag", batch_size: int = 32,
                 workers: int = 0, tta: bool = False) -> pd.DataFrame:
         """Score files, folders or a DataFrame's `path` column (absolute, or relative to its `root`
-        column / the current folder); one row per file in input order, errors included."""
-        from medres.predict import columns, gate_of, rows_of
-        from medres.scoring import InputFile, discover, scored_batches, scorer_for
+        column / the current folder); one row per file in input order, errors included. Values are
+        as predict writes them (strings; blank where a column does not apply)."""
+        from medres.predict import columns
+        from medres.scoring import InputFile, discover
 
         if isinstance(inputs, pd.DataFrame):
             roots = inputs["root"] if "root" in inputs.columns else [""] * len(inputs)
             files = [InputFile(str(Path(r) / p) if r else str(Path(p)), str(p)) for p, r in zip(inputs["path"], roots)]
         else:
             files = discover([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
-        scorer = scorer_for(self.checkpoint, self.model, self.meta, device=self.device, precision=self.precision)
-        expect, detector = gate_of(self.checkpoint, self.meta, expect=None, gate=gate, scorer=scorer)
-        rows = []
+        rows = self.rows(files, gate=gate, batch_size=batch_size, workers=workers, tta=tta)
+        return pd.DataFrame(rows, columns=columns(self.meta), dtype=object).fillna("")
+
+    def rows(self, files: list, *, gate: str = "flag", batch_size: int = 32, workers: int = 0, tta: bool = False) -> list[dict]:
+        """predict's output rows (dicts) for `scoring.InputFile`s; the scorer and the gate are built once
+        per model and gate setting and reused across calls."""
+        from medres.predict import gate_of, rows_of
+        from medres.scoring import scored_batches, scorer_for
+
+        if getattr(self, "_scoring", (None,))[0] != gate:
+            scorer = scorer_for(self.checkpoint, self.model, self.meta, device=self.device, precision=self.precision)
+            self._scoring = (gate, scorer, *gate_of(self.checkpoint, self.meta, expect=None, gate=gate, scorer=scorer))
+        _, scorer, expect, detector = self._scoring
+        out = []
         for batch in scored_batches(files, scorer, batch_size=batch_size, workers=workers, tta=tta, detector=detector, expect=expect):
-            rows += rows_of(batch, self.meta, gate=gate, detector=detector)
-        return pd.DataFrame(rows, columns=columns(self.meta)).fillna("")
+            out += rows_of(batch, self.meta, gate=gate, detector=detector)
+        return out
 
     def explain(self, path: str | Path, *, method: str = "gradcam", layer: str = "layer4", target: str | None = None) -> dict:
         """One image → {"probs": {class: p}, "maps": {class: (S, S) float32 on the model's input grid},

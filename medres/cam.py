@@ -1,4 +1,7 @@
-"""Grad-CAM and Grad-CAM++ maths, batched, with hooks that are always removed.
+"""Grad-CAM, Grad-CAM++ and occlusion maths, batched, with hooks that are always removed.
+
+The methods are one table, `METHODS` (at the end): one `CamMethod` entry per method carries how its
+maps are computed and what the report needs to run and label it; adding a method is adding an entry.
 
 The gradient only has to reach the target layer: a forward hook detaches the layer's output and
 makes it the start of the autograd graph, and parameters are frozen for the call, so nothing before
@@ -17,8 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from medres.model import CAM_LAYER
-
-METHODS = ("gradcam", "gradcam++")
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -54,9 +55,11 @@ def _score(logits: torch.Tensor, t: torch.Tensor, score: str) -> torch.Tensor:
     return z - torch.logsumexp(others, dim=1)
 
 
-def _weights(acts: torch.Tensor, grads: torch.Tensor, method: str) -> torch.Tensor:
-    if method == "gradcam":
-        return grads.mean(dim=(2, 3))  # (B, C')
+def _gradcam_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return grads.mean(dim=(2, 3))  # (B, C')
+
+
+def _gradcam_pp_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     # Grad-CAM++ (Chattopadhay et al. 2018, eq. 19 with the exponential score): pixel weights
     # alpha = g² / (2 g² + Σ_ab A · g³), channel weight = Σ alpha · relu(g).
     g2, g3 = grads.pow(2), grads.pow(3)
@@ -89,8 +92,8 @@ def compute_cam(
     probabilities of this same pass, so scoring and explaining need one forward pass, not two). The
     pooled features of the pass come back too when the model has an `avgpool`."""
     from medres.inference import autocast
-    if method not in METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
+    if not getattr(METHODS.get(method), "gradient", False):
+        raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(gradient_methods())}")
     if score not in SCORES:
         raise ValueError(f"unknown CAM score {score!r}; choose from {', '.join(SCORES)}")
     module = find_layer(model, layer)
@@ -140,7 +143,7 @@ def _maps_from(acts: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, 
         total = (chosen * used.to(chosen.dtype)).sum()
         (grads,) = torch.autograd.grad(total, acts, retain_graph=k < targets.shape[1] - 1)
         a, g = acts.float(), grads.float()
-        w = _weights(a, g, method)
+        w = METHODS[method].weights(a, g)
         cam = F.relu((w[:, :, None, None] * a).sum(1))
         maps.append(cam * used.view(-1, 1, 1).to(cam.dtype))
     return torch.stack(maps, 1).detach()
@@ -150,8 +153,8 @@ def cam_from_features(model: nn.Module, acts: torch.Tensor, targets, *, method: 
     """Grad-CAM on `layer4` from feature maps computed elsewhere (the int8 ONNX model's `maps`
     output): only the head (pooling + classifier, fp32) runs here, with autograd — the same gradient
     `compute_cam` takes at layer4, whose backward pass is the head's too. `targets` as in compute_cam."""
-    if method not in ("gradcam", "gradcam++"):
-        raise ValueError(f"CAM from precomputed features supports gradcam and gradcam++, not {method!r}")
+    if not getattr(METHODS.get(method), "gradient", False):
+        raise ValueError(f"CAM from precomputed features supports {' and '.join(gradient_methods())}, not {method!r}")
     head = [p.requires_grad for p in model.parameters()]
     try:
         for p in model.parameters():
@@ -234,3 +237,68 @@ def occlusion_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, 
     t = targets.clamp(min=0)
     maps = drop.gather(1, t[:, :, None, None].expand(-1, -1, size, size)) * (targets >= 0)[:, :, None, None]
     return maps, (cells, cells)
+
+
+@dataclass(frozen=True)
+class CamMethod:
+    """One explanation method: how its maps are computed and what `report` needs to run and label them
+    (torch-cam's one class per method, as one table entry). Exactly one of `weights` and `perturb`."""
+
+    name: str
+    title: str  # what its maps are called where the scale is per image: "Grad-CAM"
+    measures: str  # what one unit of the shared colour scale is: "score drop when occluded"
+    # Gradient methods: (acts, grads), both (B, C', h, w) → channel weights (B, C'); the map is
+    # relu(Σ w·A) at the chosen layer, taken in the scoring pass itself (one forward pass scores and
+    # explains), and also from the int8 model's layer4 features.
+    weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Forward-only methods: (model, x, targets, *, score) → ((B, K, S, S) maps at input resolution, grid);
+    # no layer is involved and the maps take passes of their own after scoring.
+    perturb: Callable[..., tuple[torch.Tensor, tuple[int, int]]] | None = None
+    region: str = ""  # a forward-only method's grid, named where a gradient method names its layer
+    every_class: bool = True  # cheap enough to map every class (the case page's buttons), not only the explained ones
+    cost: str = "one forward pass, one backward pass per mapped class"
+
+    def __post_init__(self) -> None:
+        if (self.weights is None) == (self.perturb is None):
+            raise ValueError(f"CAM method {self.name!r} needs exactly one of weights (gradient) and perturb (forward-only)")
+
+    @property
+    def gradient(self) -> bool:
+        """Maps from a layer's activations and gradients (so: a --layer, the scoring pass, int8)."""
+        return self.weights is not None
+
+    def where(self, layer: str) -> str:
+        """What the map's cells are: the layer's, or the method's own grid."""
+        return layer if self.gradient else self.region
+
+
+METHODS: dict[str, CamMethod] = {m.name: m for m in (
+    CamMethod("gradcam", "Grad-CAM", "Grad-CAM", weights=_gradcam_weights),
+    CamMethod("gradcam++", "Grad-CAM", "Grad-CAM", weights=_gradcam_pp_weights),
+    CamMethod("occlusion", "occlusion", "score drop when occluded", perturb=occlusion_maps, region="occlusion patches", every_class=False,
+              cost="cells² (14² = 196) forward passes per image"),
+)}
+
+
+def cam_method(name: str) -> CamMethod:
+    """The table entry of `name`; ValueError naming the choices."""
+    if name not in METHODS:
+        raise ValueError(f"unknown CAM method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def gradient_methods() -> list[str]:
+    return [n for n, m in METHODS.items() if m.gradient]
+
+
+def input_maps(model: nn.Module | None, x: torch.Tensor, targets: torch.Tensor, *, method: str = "gradcam", layer: str = CAM_LAYER, score: str = "logit",
+               cam: CamResult | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Any method's (B, K, S, S) maps at the input's resolution and the grid they were computed on.
+    x: normalised (B, C, S, S); targets (B, K) with -1 padding. `cam`: a gradient method's maps already
+    taken in the scoring pass (then no pass runs here, `model` may be None and only x's size is read)."""
+    spec = cam_method(method)
+    if spec.perturb is not None:
+        return spec.perturb(model, x, targets, score=score)
+    if cam is None:
+        cam = compute_cam(model, x, targets, layer=layer, method=method, score=score)
+    return upsample(cam.maps, x.shape[-1]), (int(cam.maps.shape[-2]), int(cam.maps.shape[-1]))

@@ -12,18 +12,62 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Annotated, List, Literal, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from medres import __version__
-from medres.errors import MedresError, UsageError
+from medres.errors import MedresError
 
-app = typer.Typer(add_completion=True, no_args_is_help=True, help="medres: fine-tune, evaluate, score and explain a ResNet50 on chest X-rays. Research use only — not for diagnosis.")
-manifest_app = typer.Typer(no_args_is_help=True, help="Build and check CSV manifests.")
+
+class _FlagsTakeNoValue:
+    """On/off flags (and --help) take no value: their --help line shows no `<bool>` type."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_bool_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class CommandGroup(typer.Typer):
+    """typer.Typer for medres's command groups: commands and groups get `_FlagsTakeNoValue`."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cls=_Group, **kwargs)
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = CommandGroup(add_completion=True, no_args_is_help=True, help="medres: fine-tune, evaluate, score and explain a ResNet50 on chest X-rays. Research use only — not for diagnosis.")
+manifest_app = CommandGroup(no_args_is_help=True, help="Build and check CSV manifests.")
 app.add_typer(manifest_app, name="manifest")
-weights_app = typer.Typer(no_args_is_help=True, help="Pretrained weight files on machines without internet: check, import, list.")
+weights_app = CommandGroup(no_args_is_help=True, help="Pretrained weight files on machines without internet: check, import, list.")
 app.add_typer(weights_app, name="weights")
+
+# --- options shared by several commands: one name, help text, type and validation each --------------
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda.")]
+Precision = Annotated[Literal["auto", "bf16", "fp16", "fp32", "int8"], typer.Option(
+    "--precision", help="auto, bf16, fp16, fp32, or int8 (CPU, ONNX Runtime: the CHECKPOINT.int8.onnx that medres export --quantize int8 writes beside it).")]
+Workers = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, help="Decoding workers (threads; default one per core, 2 to 4); 0 decodes in the calling thread.")]
+Expect = Annotated[List[str], typer.Option(
+    "--expect", help="Header expectation KEY=V1,V2 (modality, body_part, view; repeatable; KEY=* switches one off). Default: what the training images had (medres inspect CHECKPOINT).")]
+Gate = Annotated[Literal["flag", "reject", "off"], typer.Option(
+    "--gate", help="OOD input gate: flag (keep every case, marked in or out of distribution), reject (out-of-distribution inputs get no probabilities or heatmap) or off.")]
+StoreDir = Annotated[Optional[Path], typer.Option(
+    "--store-dir", help="Decoded-image store folder (default: the run's data.store_dir, else $MEDRES_STORE_DIR or ~/.cache/medres/store).")]
 
 
 def _err(text: str) -> None:
@@ -111,16 +155,13 @@ def train(
     Example: medres train --config configs/covid_xray.yaml --set train.epochs=5 --out runs/covid
     """
     from medres.config import load_config
+    from medres.run import new_run_folder, training_paths
     from medres.train import fit
 
     def go():
-        cfg_path = config
-        if resume is not None and cfg_path is None:
-            cfg_path = resume / "config.yaml"
-        overrides = list(set_) + (["train.deterministic=true"] if deterministic else [])
-        cfg = load_config(cfg_path, overrides)
-        run_dir = resume or out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return fit(cfg, run_dir, resume=resume is not None, show_progress=not quiet)
+        cfg_path, folder = training_paths(config, out, resume)
+        cfg = load_config(cfg_path, list(set_) + (["train.deterministic=true"] if deterministic else []))
+        return fit(cfg, folder or new_run_folder(cfg.name), resume=resume is not None, show_progress=not quiet)
 
     summary = _run(go)
     last = summary["epochs"][-1] if summary["epochs"] else {}
@@ -152,22 +193,6 @@ def pretrain(
 
 
 # --- evaluate / calibrate --------------------------------------------------------------------------
-def _run_paths(run: Optional[Path], checkpoint: Optional[Path], manifest: Optional[Path], store_dir: Optional[Path]):
-    """Checkpoint, manifest (or the run's own selected rows with their splits), splits.csv and image-store
-    folder, from --run's folder unless given (`medres.run.RunDir`)."""
-    from medres.run import RunDir, resolve_checkpoint
-
-    if run is not None:
-        rd = RunDir.open(run)
-        ckpt = resolve_checkpoint(checkpoint) if checkpoint else rd.checkpoint
-        if manifest is not None:
-            return ckpt, manifest, rd.path("splits.csv"), store_dir or rd.store_dir()
-        return ckpt, rd.manifest(), None, store_dir or rd.store_dir()  # the training run's store: nothing is decoded again
-    if checkpoint is None or manifest is None:
-        raise UsageError("give --run RUN_DIR, or --checkpoint and --manifest")
-    return resolve_checkpoint(checkpoint), manifest, None, store_dir
-
-
 @app.command()
 def evaluate(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="model.safetensors from a run."),
@@ -178,18 +203,19 @@ def evaluate(
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Patient-level bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     out: Path = typer.Option(..., "--out", help="Output folder (metrics.json, per_case.csv, plots, report.html)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
-    store_dir: Optional[Path] = typer.Option(None, "--store-dir", help="Decoded-image store folder (default: the run's data.store_dir, else $MEDRES_STORE_DIR or ~/.cache/medres/store)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes decoding images missing from the store (default: one per core)."),
+    device: Device = "auto",
+    store_dir: StoreDir = None,
+    workers: Workers = None,
 ) -> None:
     """Metrics with patient-level CIs, calibration, operating points and a subgroup audit.
 
     Example: medres evaluate --run runs/covid --split test --by source --out runs/covid/eval
     """
     from medres.evaluate import evaluate as run_eval
+    from medres.run import eval_inputs
 
     def go():
-        ckpt, man, splits, store = _run_paths(run, checkpoint, manifest, store_dir)
+        ckpt, man, splits, store = eval_inputs(run, checkpoint, manifest, store_dir)
         return run_eval(ckpt, man, out, split=split or None, splits_csv=splits, by=[b for b in by.split(",") if b], bootstrap=bootstrap, seed=seed, device=device, store_dir=store, num_workers=workers)
 
     result = _run(go)
@@ -225,7 +251,7 @@ def calibrate(
     coverage: float = typer.Option(0.9, "--coverage", min=0.5, max=0.999, help="Target coverage of the conformal prediction sets."),
     conformal: Literal["aps", "lac"] = typer.Option("aps", "--conformal", help="Conformal score for multiclass: aps (adaptive) or lac (smallest sets)."),
     ood_quantile: float = typer.Option(0.99, "--ood-quantile", min=0.5, max=0.9999, help="OOD threshold: this quantile of the validation images' scores."),
-    store_dir: Optional[Path] = typer.Option(None, "--store-dir", help="Decoded-image store folder (default: the run's data.store_dir, else $MEDRES_STORE_DIR or ~/.cache/medres/store)."),
+    store_dir: StoreDir = None,
 ) -> None:
     """Fit temperature scaling, operating points, conformal sets (validation split) and the input gate
     (OOD detector on the train split, threshold on validation); store them in the checkpoint.
@@ -233,9 +259,10 @@ def calibrate(
     Example: medres calibrate --run runs/covid --target-sensitivity 0.95 --coverage 0.9
     """
     from medres.calibration import calibrate as run_cal
+    from medres.run import eval_inputs
 
     def go():
-        ckpt, man, splits, store = _run_paths(run, checkpoint, manifest, store_dir)
+        ckpt, man, splits, store = eval_inputs(run, checkpoint, manifest, store_dir)
         return run_cal(ckpt, man, splits, target_sensitivity=target_sensitivity, coverage=coverage, method=conformal, ood_quantile=ood_quantile, store_dir=store)
 
     result = _run(go)
@@ -250,15 +277,15 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Output table."),
     fmt: Literal["csv", "jsonl", "parquet"] = typer.Option("csv", "--format", help="csv, jsonl or parquet."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, 2 to 4) or processes (default: cores - 1, at most 4); 0 decodes in the scoring thread."),
-    decode_pool: Literal["thread", "process"] = typer.Option("thread", "--decode-pool", help="Decode in threads of this process (default; measured faster) or in worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
-    precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32, or int8 (CPU, ONNX Runtime: the CHECKPOINT.int8.onnx that medres export --quantize int8 writes beside it, or --onnx)."),
+    workers: Workers = None,
+    decode_pool: Literal["thread", "process"] = typer.Option("thread", "--decode-pool", help="Run the --workers as threads of this process (default; measured faster) or as processes (spawned)."),
+    device: Device = "auto",
+    precision: Precision = "auto",
     backend: Literal["torch", "onnx"] = typer.Option("torch", "--backend", help="torch or onnx (needs --onnx)."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model for --backend onnx or --precision int8."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX model for --backend onnx, or for --precision int8 instead of the one beside the checkpoint."),
     tta: bool = typer.Option(False, "--tta", help="Average mild affine variants."),
-    expect: List[str] = typer.Option([], "--expect", help="Header expectation KEY=V1,V2 (modality, body_part, view; repeatable; KEY=* switches one off). Default: what the training images had (medres inspect CHECKPOINT)."),
-    gate: Literal["flag", "reject", "off"] = typer.Option("flag", "--gate", help="OOD gate: flag (score everything, in_distribution 0/1), reject (status rejected, no probabilities) or off."),
+    expect: Expect = [],
+    gate: Gate = "flag",
     shard_: Optional[str] = typer.Option(None, "--shard", help="i/n: score only this machine's share (under torchrun the ranks share the inputs by themselves)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Decoded-image cache folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
@@ -281,17 +308,13 @@ def predict(
     from medres.progress import Progress
 
     if benchmark:
-        from medres.files import atomic_write
-        from medres.speed import stage_benchmark
+        from medres.speed import benchmark as run_benchmark, summary_lines
 
-        res = _run(lambda: stage_benchmark(checkpoint, list(inputs), files=benchmark_files, batch_size=batch_size, workers=workers, device=device, precision=precision, gate=gate, backend=backend, onnx_path=onnx))
-        m = res["machine"]
-        typer.echo(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_isa']}, {m['torch_threads']} threads){', ' + m['cuda'] if m['cuda'] else ''}")
-        typer.echo(f"start-up (checkpoint load): {res['startup_seconds']:.2f} s; {res['files']} files, {res['decoded_ok']} decoded")
-        for name, st in res["stages"].items():
-            typer.echo(f"  {name:<11} {st['images_per_s']:8.1f} images/s")
-        typer.echo(f"slowest stage: {res['bottleneck']} -> {out}")
-        atomic_write(out, json.dumps(res, indent=2))
+        res = _run(lambda: run_benchmark(checkpoint, list(inputs), out, files=benchmark_files, batch_size=batch_size, workers=workers, device=device, precision=precision, gate=gate, backend=backend, onnx_path=onnx))
+        lines = summary_lines(res)
+        for line in lines[:-1]:
+            typer.echo(line)
+        typer.echo(f"{lines[-1]} -> {out}")
         raise typer.Exit(0)
 
     def go():
@@ -361,13 +384,15 @@ def report(
     dicom_sc: bool = typer.Option(False, "--dicom-sc", help="Also write overlays as DICOM Secondary Capture for DICOM inputs."),
     faithfulness: bool = typer.Option(False, "--faithfulness", help="Deletion/insertion AUC per case."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N files."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
-    precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = typer.Option("auto", "--precision", help="auto, bf16, fp16, fp32, or int8 (CPU: layer4 maps from the CHECKPOINT.int8.onnx beside it; gradcam/gradcam++ on layer4 only)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: one per core, 2 to 4)."),
-    expect: List[str] = typer.Option([], "--expect", help="Header expectation KEY=V1,V2 (as for predict)."),
-    gate: Literal["flag", "reject", "off"] = typer.Option("flag", "--gate", help="OOD gate: flag (mark cases), reject (no heatmap or probabilities) or off."),
+    device: Device = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    expect: Expect = [],
+    gate: Gate = "flag",
 ) -> None:
     """Per-case Grad-CAM heatmap reports (HTML, offline).
+
+    With --precision int8 the maps come from layer4 of the int8 model (gradcam and gradcam++ only).
 
     Example: medres report --checkpoint runs/covid/model.safetensors scans/ --out runs/covid/report
     """
@@ -394,10 +419,11 @@ def inspect(
     """
     from medres.io import PreprocessSpec
     from medres.io.inspect import describe, describe_checkpoint, inspect_files
+    from medres.io.listing import split_checkpoints
 
     spec = PreprocessSpec(image_size=size, resize=resize, voi=int(voi) if voi.isdigit() else voi)
     failed = 0
-    checkpoints = [f for f in files if f.suffix == ".safetensors"]
+    checkpoints, images = split_checkpoints(list(files))
     for f in checkpoints:
         try:
             for line in describe_checkpoint(f):
@@ -405,8 +431,7 @@ def inspect(
         except MedresError as err:
             _err(err.one_line())
             failed += 1
-    files = [f for f in files if f not in checkpoints]
-    for f, result in inspect_files(files, spec, out=out):
+    for f, result in inspect_files(images, spec, out=out):
         if isinstance(result, MedresError):
             _err(result.one_line())
             failed += 1
@@ -619,6 +644,120 @@ def demo(
     typer.echo(f"predictions:       {result['predictions']}")
     typer.echo(f"model card:        {result['card']}")
     typer.echo(f"Grad-CAM report:   {result['report_html']}")
+
+
+# --- PACS -----------------------------------------------------------------------------------------
+pacs_app = CommandGroup(no_args_is_help=True, help="Score studies in a PACS (DICOMweb or DIMSE) and store the results back.")
+app.add_typer(pacs_app, name="pacs")
+
+_SERVER_HELP = "A DICOMweb URL (https://host/dicom-web), AET@host:port for DIMSE, or a name in the servers file."
+ServersFile = Annotated[Optional[Path], typer.Option("--servers", help="Servers file (default: $MEDRES_PACS_SERVERS or ~/.config/medres/pacs.yaml).")]
+CaBundle = Annotated[Optional[Path], typer.Option("--ca-bundle", help="CA certificates (PEM) to trust for TLS to the PACS.")]
+ClientCert = Annotated[Optional[Path], typer.Option("--client-cert", help="Client certificate (PEM) for mutual TLS to the PACS.")]
+ClientKey = Annotated[Optional[Path], typer.Option("--client-key", help="Client key (PEM) for --client-cert.")]
+CallingAet = Annotated[str, typer.Option("--aet", help="medres's own AE title (DIMSE).")]
+
+
+def _server(server: str, servers: Optional[Path], calling_aet: str, ca_bundle: Optional[Path], client_cert: Optional[Path], client_key: Optional[Path]):
+    from medres.pacs.servers import parse_server
+
+    return _run(lambda: parse_server(server, servers_file=servers, calling_aet=calling_aet, ca_bundle=str(ca_bundle) if ca_bundle else None,
+                                     client_cert=str(client_cert) if client_cert else None, client_key=str(client_key) if client_key else None))
+
+
+@pacs_app.command("echo")
+def pacs_echo(
+    server: str = typer.Option(..., "--server", help=_SERVER_HELP),
+    servers: ServersFile = None,
+    calling_aet: CallingAet = "MEDRES",
+    ca_bundle: CaBundle = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+) -> None:
+    """Check the connection: C-ECHO (DIMSE) or a QIDO-RS query (DICOMweb); print what answered.
+
+    Credentials come from MEDRES_PACS_USERNAME + MEDRES_PACS_PASSWORD, MEDRES_PACS_TOKEN, or the file
+    named by MEDRES_PACS_CREDENTIALS — never from the command line.
+
+    Example: medres pacs echo --server http://localhost:8042/dicom-web
+    """
+    from medres.pacs.clients import client_for
+
+    target = _server(server, servers, calling_aet, ca_bundle, client_cert, client_key)
+    typer.echo(_run(lambda: client_for(target).echo()))
+
+
+@pacs_app.command("score")
+def pacs_score_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors or a run folder."),
+    server: str = typer.Option(..., "--server", help=_SERVER_HELP),
+    study: List[str] = typer.Option([], "--study", help="Study Instance UID (repeatable)."),
+    query: List[str] = typer.Option([], "--query", help="KEY=VALUE study query, e.g. ModalitiesInStudy=CR or StudyDate=20240101- (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output table (CSV): one row per image, hashed UIDs, predict's columns."),
+    rescore: bool = typer.Option(False, "--rescore", help="Score studies that already hold this checkpoint's results (new SR and SC instances)."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Also store Grad-CAM Secondary Captures (one backward pass per image)."),
+    gate: Gate = "flag",
+    device: Device = "auto",
+    precision: Precision = "auto",
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    servers: ServersFile = None,
+    calling_aet: CallingAet = "MEDRES",
+    ca_bundle: CaBundle = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+) -> None:
+    """Find studies, score their images on predict's path, store a TID 1500 Comprehensive SR and the
+    Grad-CAM Secondary Captures back into each study. A study already scored by this checkpoint is skipped.
+
+    Example: medres pacs score --checkpoint runs/covid --server http://localhost:8042/dicom-web --query ModalitiesInStudy=CR --out scores.csv
+    """
+    from medres.pacs.score import pacs_score
+
+    target = _server(server, servers, calling_aet, ca_bundle, client_cert, client_key)
+    summary = _run(lambda: pacs_score(checkpoint, target, studies=list(study), query=list(query), out=out, rescore=rescore, heatmaps=heatmaps,
+                                      gate=gate, device=device, precision=precision, batch_size=batch_size))
+    for o in summary["outcomes"]:
+        if o["status"] == "failed":
+            _err(o["message"])
+    typer.echo(f"{summary['studies']} studies: {summary['scored']} scored and stored, {summary['skipped']} already scored, {summary['failed']} failed "
+               f"({summary['images_scored']} of {summary['images']} images scored, {summary['seconds']:.1f} s)" + (f" -> {out}" if out else ""))
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("listen")
+def listen_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors or a run folder."),
+    port: int = typer.Option(..., "--port", help="TCP port of the storage SCP."),
+    store_to: str = typer.Option(..., "--store-to", help="Where results go: " + _SERVER_HELP),
+    spool: Path = typer.Option(Path("medres-spool"), "--spool", help="Durable spool folder (received instances, studies being scored)."),
+    aet: str = typer.Option("MEDRES", "--aet", help="This SCP's AE title; associations calling another title are rejected."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
+    quiet_seconds: float = typer.Option(5.0, "--quiet-seconds", min=0.0, help="Score a study once no instance has arrived for this long."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output table (CSV), appended per study."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps", help="Also store Grad-CAM Secondary Captures."),
+    gate: Gate = "flag",
+    device: Device = "auto",
+    precision: Precision = "auto",
+    servers: ServersFile = None,
+    ca_bundle: CaBundle = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+) -> None:
+    """A DICOM storage SCP that scores each study once it has been quiet and stores the results back.
+
+    Instances are spooled durably before they are acknowledged; a restart finishes what a crash
+    interrupted, each study scored and stored once. Ctrl-C stops it cleanly.
+
+    Example: medres listen --checkpoint runs/covid --port 11112 --store-to ORTHANC@pacs:4242 --out scores.csv
+    """
+    from medres.pacs.listen import listen
+
+    target = _server(store_to, servers, aet, ca_bundle, client_cert, client_key)
+    counts = _run(lambda: listen(checkpoint, port=port, store_to=target, spool=spool, aet=aet, host=host, quiet_seconds=quiet_seconds, out=out,
+                                 gate=gate, heatmaps=heatmaps, device=device, precision=precision,
+                                 on_ready=lambda: typer.echo(f"listening as {aet} on {host}:{port}; results to {target.label} (Ctrl-C stops)")))
+    typer.echo(f"stopped: {counts['received']} instances received, {counts['scored']} studies scored, {counts['skipped']} skipped, {counts['failed']} failed")
 
 
 def main() -> None:

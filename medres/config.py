@@ -92,7 +92,7 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed for splits, initialisation, augmentation and sampling.")
     deterministic: bool = Field(False, description="Deterministic kernels (slower) so --resume equals an uninterrupted run.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N.")
-    num_workers: int | None = Field(None, ge=0, description="Processes decoding images into the store (None: one per core; 0: in-process).")
+    num_workers: int | None = Field(None, ge=0, description="Threads decoding images into the store (None: one per core, 2 to 4; 0: in-process).")
     loader_workers: int | None = Field(None, ge=0, description="DataLoader processes reading training batches from the store (None: 0 on CPU, where a reader process takes a core from the model; 4 on CUDA).")
     unlabeled: Path | None = Field(None, description="Unlabelled films (a manifest with a path column, or a folder) added to training with FixMatch-style pseudo-labels; validation and test stay labelled.")
     unlabeled_ratio: int = Field(1, ge=1, description="Unlabelled films per labelled film in each step (FixMatch's mu).")

@@ -1,5 +1,6 @@
-"""Evaluation plots (matplotlib, headless): ROC and PR per class with the operating point,
-reliability diagram before/after calibration, confusion matrix."""
+"""Plots (matplotlib, headless): for evaluation, ROC and PR per class with the operating point,
+reliability diagram before/after calibration, confusion matrix and training curves; for reports, the
+heatmap colour bar."""
 
 from __future__ import annotations
 
@@ -112,3 +113,20 @@ def write_curves(run: Path) -> Path | None:
     out = Path(run) / "curves.png"
     _save(fig, out)
     return out
+
+
+def write_colorbar(path: Path, class_name: str, scale: float, *, quantity: str, per_image: bool) -> None:
+    """The report's colour bar for one class's heatmaps (inferno, as the overlays): `quantity` is what
+    the map shows ("Grad-CAM", "probability-weighted score drop when occluded"); on the shared scale the
+    ticks are in its units (`scale` = full colour), per image they are not comparable across cases."""
+    fig, ax = plt.subplots(figsize=(4.5, 0.9))
+    ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap="inferno", extent=(0, 1, 0, 1))
+    ax.set_yticks([])
+    if per_image:
+        ax.set_xlabel(f"{quantity} for {class_name}, scaled per image (each image's maximum = 1): not comparable across cases")
+    else:
+        ax.set_xticks([0, 0.5, 1], ["0", f"{scale / 2:.3g}", f"≥{scale:.3g}"])
+        ax.set_xlabel(f"{quantity} for {class_name}: one absolute scale for every case in this report")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)

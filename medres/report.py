@@ -1,5 +1,9 @@
 """`medres report`: per-case Grad-CAM overlays on the original image, an index page and case pages.
 
+Two rooms: `medres.explain` scores and explains the inputs (probabilities, gate verdicts, raw maps per
+case); this module orchestrates the run and renders what comes back (overlays, pages, summary.json;
+the colour bars through `medres.plots`).
+
 Heatmaps share one absolute scale across the report (the 99th percentile of all target maps), so a
 confident negative looks cold; `normalize="per-image"` only on request. Overlays are drawn on the
 original image at its native aspect ratio (the ingestion geometry undoes letterbox/crop), with the
@@ -12,60 +16,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from medres import conformal
-from medres.cam import CamResult, cam_from_features, compute_cam, find_layer, occlusion_maps, upsample
+from medres.cam import cam_method, gradient_methods
 from medres.errors import NoInputs, UsageError
-from medres.gate import flagged, verdicts
+from medres.explain import Case, Options, check_options, manifest_truth, score_and_explain
+from medres.gate import flagged
 from medres.shift import monitor_for, summary_line
 from medres.files import atomic_path, atomic_write
-from medres.inference import Predictor
-from medres.onnx import OnnxPredictor
-from medres.io import Geometry, PreprocessSpec
-from medres.metrics import predict_labels
+from medres.io import PreprocessSpec
 from medres.model import CAM_LAYER, load_checkpoint
-from medres.scoring import ScoredBatch, default_workers, discover, scored_batches
+from medres.scoring import default_workers, discover
+
+__all__ = ["Case", "heat_layer", "manifest_truth", "overlay", "report", "shared_scales"]  # Case, manifest_truth: from medres.explain
 
 log = logging.getLogger(__name__)
-DISPLAY_MAX = 1024
 PNG_LEVEL = 1
-ALL_MAPS_UP_TO = 8  # classes: up to this many, the case page offers a map for every class
 RUO = "Research use only — not for diagnosis."
-
-
-@dataclass
-class Case:
-    index: int
-    shown: str
-    full: str
-    status: str = "ok"
-    error: str = ""
-    probs: list[float] = field(default_factory=list)
-    positive: list[int] = field(default_factory=list)
-    targets: list[int] = field(default_factory=list)
-    cams: np.ndarray | None = None  # (K, S, S) raw, model space
-    record: dict | None = None
-    geometry: Geometry | None = None  # model space → original image
-    deletion_auc: float | None = None
-    insertion_auc: float | None = None
-    header: dict = field(default_factory=dict)  # source_format, modality, body_part, view, laterality
-    ood_score: float | None = None
-    in_distribution: bool | None = None  # None: the checkpoint has no OOD detector
-    orientation: str = ""  # what way up the film looks (gate.OrientationCheck); "" when not checked
-    prediction_set: list[str] = field(default_factory=list)
-    explained: int = 0  # the first `explained` targets are the prediction (or --class); the rest: other classes
-    predicted: list[int] = field(default_factory=list)  # the model's call at the stored operating points
-    truth: list[int] | None = None  # class indices of the ground truth when the input is a labelled manifest
-
-    @property
-    def name(self) -> str:
-        return f"case-{self.index:05d}"
 
 
 def _colormap() -> np.ndarray:
@@ -88,31 +59,6 @@ def _save_png(path: Path, arr: np.ndarray) -> None:
     the default level 6; level 1 encodes 2.5–4× faster for 15–65% more bytes (docs/benchmarks.md)."""
     with atomic_path(path, durable=False) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG", compress_level=PNG_LEVEL)
-
-
-def _faithfulness(predictor: Predictor, pixels: np.ndarray, heat: np.ndarray, cls: int, steps: int = 16) -> tuple[float, float]:
-    """Deletion and insertion AUC (Petsiuk et al. 2018): remove/insert pixels in heatmap order
-    (deleted pixels become the image mean; insertion starts from a blurred image), track p(class)."""
-    from scipy.ndimage import gaussian_filter
-
-    order = np.argsort(-heat.ravel(), kind="stable")
-    n = order.size
-    blurred = gaussian_filter(pixels, sigma=pixels.shape[0] / 16)
-    fill = np.full_like(pixels, pixels.mean())
-    dels, ins = [], []
-    for k in range(steps + 1):
-        idx = order[: int(round(n * k / steps))]
-        d = pixels.copy().ravel()
-        d[idx] = fill.ravel()[idx]
-        i = blurred.copy().ravel()
-        i[idx] = pixels.ravel()[idx]
-        dels.append(d.reshape(pixels.shape))
-        ins.append(i.reshape(pixels.shape))
-    batch = torch.from_numpy(np.stack(dels + ins))
-    probs = predictor.probs(predictor.logits(batch))[:, cls]
-    trapz = getattr(np, "trapezoid", None) or np.trapz
-    x = np.linspace(0, 1, steps + 1)
-    return float(trapz(probs[: steps + 1], x)), float(trapz(probs[steps + 1 :], x))
 
 
 def report(
@@ -140,211 +86,75 @@ def report(
     with `dicom_sc`) and summary.json under `out`. Returns the summary."""
     out = Path(out)
     model, meta = load_checkpoint(checkpoint)
-    _check_options(model, meta, layer=layer, target_class=target_class, normalize=normalize)
+    check_options(model, meta, method=method, layer=layer, target_class=target_class, normalize=normalize)
     files = discover(inputs)[: limit or None]
     if not files:
         raise NoInputs(f"no input files found in {', '.join(str(i) for i in inputs)} (hidden and sidecar files such as .csv/.json/.txt are skipped)")
     from medres.predict import gate_of
     from medres.scoring import scorer_for
 
-    if precision == "int8" and (method == "occlusion" or layer != CAM_LAYER):
-        raise UsageError(f"--precision int8 explains with gradcam or gradcam++ on {CAM_LAYER} (the int8 model returns those maps); got --method {method} --layer {layer}")
+    if precision == "int8" and not (cam_method(method).gradient and layer == CAM_LAYER):
+        raise UsageError(f"--precision int8 explains with {' or '.join(gradient_methods())} on {CAM_LAYER} (the int8 model returns those maps); got --method {method} --layer {layer}")
     predictor = scorer_for(checkpoint, model, meta, device=device, precision=precision)
     expectations, detector = gate_of(checkpoint, meta, expect=expect, gate=gate, scorer=predictor)
-    opts = _Options(method, layer, target_class, normalize, weight_by_probability, faithfulness, include_identifiers, dicom_sc, gate, expectations, detector)
+    opts = Options(method, layer, target_class, normalize, weight_by_probability, faithfulness, include_identifiers, dicom_sc, gate, expectations, detector)
     truth = manifest_truth(inputs, meta)
     cases = [Case(i, f.shown, f.full, truth=truth.get(f.shown)) for i, f in enumerate(files)]
     (out / "cases").mkdir(parents=True, exist_ok=True)
     monitor = monitor_for(checkpoint, meta, predictor)
-    cells = _score_and_explain(cases, files, predictor, out, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers, model=model,
-                               monitor=monitor)
+    cells = score_and_explain(cases, files, predictor, opts, batch_size=batch_size, workers=default_workers() if workers is None else workers, model=model,
+                              monitor=monitor, on_image=partial(_write_image, out))
     shift = monitor.result() if monitor is not None else None
     if shift is not None:
         atomic_write(out / "shift.json", json.dumps(shift, indent=2))
         if shift.get("detected"):
             log.warning(shift["warning"])
+    return _render(cases, out, checkpoint, meta, opts, cells, shift)
+
+
+def _write_image(out: Path, case: Case, display: np.ndarray) -> None:
+    """The display image and a provisional thumbnail (the first overlay replaces it), as decoded."""
+    grey = (np.clip(display, 0, 1) * 255).astype(np.uint8)
+    _save_png(out / "cases" / f"{case.name}_image.png", grey)
+    thumb = Image.fromarray(grey)
+    thumb.thumbnail((96, 96))
+    _save_png(out / "cases" / f"{case.name}_thumb.png", np.asarray(thumb))
+
+
+def _render(cases: list[Case], out: Path, checkpoint: str | Path, meta, opts: Options, cells: tuple[int, int] | None, shift: dict | None) -> dict:
+    """Colour bars, overlays, case pages, the index page and summary.json from the explained cases."""
+    method, normalize = opts.method, opts.normalize
     spec = PreprocessSpec.from_dict(meta.preprocess)
-    if cells and min(cells) < 7 and method != "occlusion":
-        shallower = {"layer4": "layer3", "layer3": "layer2"}.get(layer)
-        log.warning("%s gives %d×%d heatmaps at %d px (each cell %d px): lesions are located to a cell at best%s", layer, *cells, spec.image_size,
+    if cells and min(cells) < 7 and cam_method(method).gradient:
+        shallower = {"layer4": "layer3", "layer3": "layer2"}.get(opts.layer)
+        log.warning("%s gives %d×%d heatmaps at %d px (each cell %d px): lesions are located to a cell at best%s", opts.layer, *cells, spec.image_size,
                     spec.image_size // cells[0], f"; --layer {shallower} doubles the resolution" if shallower else "")
-    where = "occlusion patches" if method == "occlusion" else layer
+    where = cam_method(method).where(opts.layer)
     grid = f"{where} ({cells[0]}×{cells[1]} cells)" if cells else f"{where} (no maps)"
     scales = shared_scales(cases, len(meta.classes))
-    for k, scale in scales.items():
-        _write_colorbar(out / f"colorbar_{k}.png", meta.classes[k], scale, normalize, weight_by_probability, method)
+    _write_colorbars(out, meta, scales, opts)
     ckpt_sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     pages = [c for c in cases if c.status == "ok" and c.cams is not None]
     for i, case in enumerate(pages):  # prev/next in input order; the index's script passes its own order
         _write_overlays(case, out, scales, opts, meta)
         prev, nxt = (pages[i - 1].name if i else None), (pages[i + 1].name if i + 1 < len(pages) else None)
         atomic_write(out / "cases" / f"{case.name}.html", _case_html(case, meta, meta.effective_thresholds(), ckpt_sha, method, grid, normalize, scales, prev, nxt))
-    atomic_write(out / "index.html", _index_html(cases, meta, meta.effective_thresholds(), method, grid, normalize, scales, faithfulness, shift))
+    atomic_write(out / "index.html", _index_html(cases, meta, meta.effective_thresholds(), method, grid, normalize, scales, opts.faithfulness, shift))
     summary = _summary(cases, meta, scales, opts, cells)
     summary["shift"] = shift
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-@dataclass(frozen=True)
-class _Options:
-    method: str
-    layer: str
-    target_class: str | None
-    normalize: str
-    weight_by_probability: bool
-    faithfulness: bool
-    include_identifiers: bool
-    dicom_sc: bool
-    gate: str = "flag"
-    expect: dict | None = None
-    detector: object = None  # gate.OodDetector or None
+def _write_colorbars(out: Path, meta, scales: dict[int, float], opts: Options) -> None:
+    """colorbar_k.png per mapped class, labelled with what the method's maps measure."""
+    from medres.plots import write_colorbar
 
-
-def _check_options(model, meta, *, layer: str, target_class: str | None, normalize: str) -> None:
-    if normalize not in ("shared", "per-image"):
-        raise UsageError(f"--normalize must be shared or per-image, got {normalize!r}")
-    try:
-        find_layer(model, layer)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if target_class is not None and target_class not in meta.classes:
-        raise UsageError(f"--class {target_class!r} is not one of {', '.join(meta.classes)}")
-
-
-def _score_and_explain(cases: list[Case], files, predictor: Predictor, out: Path, opts: _Options, *, batch_size: int, workers: int, model=None,
-                       monitor=None) -> tuple[int, int] | None:
-    """One pass over the scoring path: probabilities and raw CAMs (model space) per case; the display
-    image and thumbnail are written as each file is decoded, so no file is decoded twice."""
-    cells = None
-    in_order = iter(cases)  # batches keep input order; keys may repeat across input folders
-    members = None
-    scorer = predictor if opts.method == "occlusion" else _ExplainingScorer(predictor, opts, model)
-    for batch in scored_batches(files, scorer, batch_size=batch_size, workers=workers, display_max=DISPLAY_MAX, expect=opts.expect, detector=opts.detector,
-                                features=monitor is not None):
-        cam = getattr(scorer, "last", None)
-        if monitor is not None:
-            monitor.add(batch.probs, batch.features)
-        good, kept = [], []
-        if predictor.meta.conformal and len(batch.good):
-            members = conformal.sets(batch.probs, predictor.meta.conformal, predictor.meta.task)
-        judged = verdicts([d.file.shown for d in batch.good], batch.ood, batch.orientation, opts.detector, opts.gate)
-        k = -1
-        for d in batch.items:
-            case = next(in_order)
-            case.header = d.header()
-            if not d.ok:
-                case.status, case.error = d.status, d.message
-                continue
-            k += 1
-            v = judged[k]
-            case.ood_score, case.in_distribution, case.orientation = v.ood_score, v.in_distribution, v.orientation
-            if v.refusal is not None:
-                case.status, case.error = "rejected", v.refusal[1]
-                continue
-            if members is not None:
-                case.prediction_set = conformal.ordered_set(batch.probs[k], members[k], predictor.meta.classes)
-            case.record, case.geometry = d.record.to_dict(), d.record.geometry
-            grey = (np.clip(d.display, 0, 1) * 255).astype(np.uint8)
-            _save_png(out / "cases" / f"{case.name}_image.png", grey)
-            thumb = Image.fromarray(grey)
-            thumb.thumbnail((96, 96))
-            _save_png(out / "cases" / f"{case.name}_thumb.png", np.asarray(thumb))
-            good.append(case)
-            kept.append(k)
-        if good:
-            if len(kept) < len(batch.probs):  # --gate reject took some out: explain only the rest
-                batch = ScoredBatch([], batch.x[kept], batch.probs[kept])
-                cam = cam and CamResult(cam.maps[kept], cam.targets[kept], cam.logits[kept])
-            cells = _explain(batch, good, predictor, opts, cam)
-    return cells
-
-
-def _targets(probs: np.ndarray, meta, opts: _Options) -> tuple[list[list[int]], list[int]]:
-    """Per case, the classes to map — the explained ones first (prediction, positives, or --class),
-    then every other class for the case page's map buttons — and how many are explained."""
-    labels = predict_labels(probs, meta.task, meta.effective_thresholds())
-    targets, explained = [], []
-    for p, lab in zip(probs, labels):
-        if opts.target_class is not None:
-            t = [meta.classes.index(opts.target_class)]
-        elif meta.task == "multiclass":
-            t = [int(lab)]
-        else:
-            t = [j for j, v in enumerate(lab) if v] or [int(np.argmax(p))]
-        explained.append(len(t))
-        if opts.method != "occlusion" and len(meta.classes) <= ALL_MAPS_UP_TO:
-            t += [j for j in np.argsort(-p, kind="stable").tolist() if j not in t]
-        targets.append(t)
-    return targets, explained
-
-
-def _padded(targets: list[list[int]]) -> torch.Tensor:
-    k = max(len(t) for t in targets)
-    return torch.tensor([t + [-1] * (k - len(t)) for t in targets])
-
-
-def _cam_score(meta) -> str:
-    return "log_odds" if meta.task == "multiclass" else "logit"
-
-
-class _ExplainingScorer:
-    """The scorer `report` hands the scoring path: one forward pass gives the probabilities, the OOD
-    gate's features and the Grad-CAM maps (the explained classes chosen from that pass's own
-    probabilities), where scoring and then explaining took two passes. `last` is the batch's CAM."""
-
-    def __init__(self, predictor: "Predictor | OnnxPredictor", opts: _Options, model=None):
-        self.predictor, self.opts, self.meta = predictor, opts, predictor.meta
-        self.model = model if model is not None else predictor.model  # the torch head, for int8
-        self.ood_threshold = getattr(predictor, "ood_threshold", None)
-        self.last = None
-
-    def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        return self.predictor.probs(logits, calibrated)
-
-    def _run(self, pixels: torch.Tensor):
-        choose = lambda logits: _padded(_targets(self.probs(logits.cpu().numpy()), self.meta, self.opts)[0])  # noqa: E731
-        p, method, score = self.predictor, self.opts.method, _cam_score(self.meta)
-        if isinstance(p, OnnxPredictor):  # int8: layer4 maps from ONNX Runtime, the head's gradient in torch
-            self.last = cam_from_features(self.model, torch.from_numpy(p.maps(pixels)), choose, method=method, score=score)
-        else:
-            self.last = compute_cam(p.model, p.prepare(pixels), choose, layer=self.opts.layer, method=method, score=score, autocast_dtype=p.dtype)
-        return self.last
-
-    def logits(self, pixels: torch.Tensor) -> np.ndarray:
-        return self._run(pixels).logits.cpu().numpy()
-
-    def logits_and_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        res = self._run(pixels)
-        return res.logits.cpu().numpy(), res.features.cpu().numpy()
-
-
-def _explain(batch, chunk: list[Case], predictor: Predictor, opts: _Options, cam=None) -> tuple[int, int]:
-    """Targets (prediction, positives, or --class) and their maps: from `cam` (the scoring pass's own
-    CAM, rows matching `chunk`) or, for occlusion, one occlusion pass for the batch."""
-    meta = predictor.meta
-    thresholds = meta.effective_thresholds()
-    labels = predict_labels(batch.probs, meta.task, thresholds)
-    targets, explained = _targets(batch.probs, meta, opts)
-    for case, p, lab, t, n in zip(chunk, batch.probs, labels, targets, explained):
-        case.probs = [float(v) for v in p]
-        case.positive = [int(v >= th) for v, th in zip(p, thresholds)]
-        case.predicted = [int(lab)] if meta.task == "multiclass" else [j for j, v in enumerate(lab) if v]
-        case.targets, case.explained = t, n
-    if opts.method == "occlusion":
-        maps_t, cells = occlusion_maps(predictor.model, predictor.prepare(batch.x).float(), _padded(targets), score=_cam_score(meta))
-        maps = maps_t.numpy()
-    else:
-        maps = upsample(cam.maps, batch.x.shape[-1]).numpy()
-        cells = int(cam.maps.shape[-2]), int(cam.maps.shape[-1])
-    for i, case in enumerate(chunk):
-        cams = maps[i, : len(case.targets)]
-        if opts.weight_by_probability:
-            cams = cams * np.array([case.probs[j] for j in case.targets])[:, None, None]
-        case.cams = cams.astype(np.float32)
-        if opts.faithfulness:
-            case.deletion_auc, case.insertion_auc = _faithfulness(predictor, batch.x[i].numpy(), cams[0], case.targets[0])
-    return cells
+    spec = cam_method(opts.method)
+    per_image = opts.normalize == "per-image"
+    quantity = spec.title if per_image else f"probability-weighted {spec.measures}" if opts.weight_by_probability else spec.measures
+    for k, scale in scales.items():
+        write_colorbar(out / f"colorbar_{k}.png", meta.classes[k], scale, quantity=quantity, per_image=per_image)
 
 
 def shared_scales(cases: list[Case], n_classes: int) -> dict[int, float]:
@@ -360,7 +170,7 @@ def shared_scales(cases: list[Case], n_classes: int) -> dict[int, float]:
     return scales
 
 
-def _write_overlays(case: Case, out: Path, scales: dict[int, float], opts: _Options, meta) -> None:
+def _write_overlays(case: Case, out: Path, scales: dict[int, float], opts: Options, meta) -> None:
     """Each target's map, back on the original's grid (geometry undoes letterbox/crop): a transparent
     heat layer per class for the case page's overlay (`_heat_k.png`), and for the explained classes
     the overlay drawn into the image (`_cam_k.png`, also the thumbnail and the DICOM SC)."""
@@ -396,7 +206,7 @@ def heat_layer(heat: np.ndarray, cmap: np.ndarray) -> np.ndarray:
     return np.dstack([rgb, alpha])
 
 
-def _summary(cases: list[Case], meta, scales: dict[int, float], opts: _Options, cells) -> dict:
+def _summary(cases: list[Case], meta, scales: dict[int, float], opts: Options, cells) -> dict:
     summary = {
         "cases": len(cases),
         "ok": sum(c.status == "ok" for c in cases),
@@ -416,49 +226,6 @@ def _summary(cases: list[Case], meta, scales: dict[int, float], opts: _Options, 
         summary["mean_deletion_auc"] = float(np.mean(d)) if d else None
         summary["mean_insertion_auc"] = float(np.mean(i)) if i else None
     return summary
-
-
-def _write_colorbar(path: Path, class_name: str, scale: float, normalize: str, weighted: bool, method: str = "gradcam") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 0.9))
-    ax.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap="inferno", extent=(0, 1, 0, 1))
-    ax.set_yticks([])
-    if normalize == "per-image":
-        ax.set_xlabel(f"{'occlusion' if method == 'occlusion' else 'Grad-CAM'} for {class_name}, scaled per image (each image's maximum = 1): not comparable across cases")
-    else:
-        what = "score drop when occluded" if method == "occlusion" else "Grad-CAM"
-        what = f"probability-weighted {what}" if weighted else what
-        ax.set_xticks([0, 0.5, 1], ["0", f"{scale / 2:.3g}", f"≥{scale:.3g}"])
-        ax.set_xlabel(f"{what} for {class_name}: one absolute scale for every case in this report")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def manifest_truth(inputs: list, meta) -> dict[str, list[int]]:
-    """Ground truth (class indices) by row key for the inputs that are labelled manifests; {} for
-    folders and files, or a manifest whose labels are not this model's classes."""
-    from medres.data.manifest import load_manifest
-    from medres.errors import MedresError
-    from medres.scoring import _is_manifest
-
-    truth: dict[str, list[int]] = {}
-    for raw in inputs:
-        p = Path(raw)
-        if not (p.is_file() and p.suffix.lower() == ".csv" and _is_manifest(p)):
-            continue
-        try:
-            m = load_manifest(p, classes=meta.classes, task=meta.task)
-        except MedresError as err:  # unlabelled, or other classes: the report simply has no truth column
-            log.info("no ground truth from %s: %s", p.name, err.one_line())
-            continue
-        for path, row in zip(m.frame["path"], m.targets):
-            truth[str(path)] = [int(j) for j in np.nonzero(row)[0]]
-    return truth
 
 
 def _index_rows(cases: list[Case], meta) -> list[dict]:

@@ -14,8 +14,10 @@ through `RunDir`; nothing else parses a run's config.yaml or splits.csv.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,6 +25,21 @@ import pandas as pd
 from medres.errors import ManifestInvalid, UsageError
 
 CHECKPOINT = "model.safetensors"
+RUNS = Path("runs")  # where `medres train` puts a run without --out
+
+
+def new_run_folder(name: str, *, root: Path = RUNS) -> Path:
+    """runs/<config name>-<YYYYmmdd-HHMMSS>: a new run's folder when none is given."""
+    return Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def training_paths(config: str | Path | None, out: str | Path | None, resume: str | Path | None) -> tuple[Path | None, Path | None]:
+    """(config to load, run folder) for `medres train`: a resumed run continues in its own folder with
+    its own config.yaml unless --config names another; the folder is None when the config's name must
+    name it (`new_run_folder`)."""
+    if resume is not None:
+        return Path(config) if config is not None else Path(resume) / "config.yaml", Path(resume)
+    return (Path(config) if config is not None else None), (Path(out) if out is not None else None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -108,3 +125,25 @@ def manifest_for(manifest, meta, splits_csv: str | Path | None = None):
 
 def split_rows(manifest, split: str) -> np.ndarray:
     return np.nonzero((manifest.frame["split"] == split).to_numpy())[0]
+
+
+class EvalInputs(NamedTuple):
+    checkpoint: Path
+    manifest: object  # a manifest CSV path, or a Manifest (`RunDir.manifest()`)
+    splits_csv: Path | None
+    store_dir: Path | None
+
+
+def eval_inputs(run: str | Path | None, checkpoint: str | Path | None, manifest: str | Path | None, store_dir: str | Path | None) -> EvalInputs:
+    """What `evaluate`/`calibrate` read: checkpoint, manifest (or the run's own selected rows with their
+    splits), splits.csv and image-store folder, from --run's folder unless given."""
+    if run is not None:
+        rd = RunDir.open(run)
+        ckpt = resolve_checkpoint(checkpoint) if checkpoint else rd.checkpoint
+        store = Path(store_dir) if store_dir is not None else rd.store_dir()  # the training run's store: nothing is decoded again
+        if manifest is not None:
+            return EvalInputs(ckpt, manifest, rd.path("splits.csv"), store)
+        return EvalInputs(ckpt, rd.manifest(), None, store)
+    if checkpoint is None or manifest is None:
+        raise UsageError("give --run RUN_DIR, or --checkpoint and --manifest")
+    return EvalInputs(resolve_checkpoint(checkpoint), manifest, None, Path(store_dir) if store_dir is not None else None)

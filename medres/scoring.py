@@ -2,9 +2,9 @@
 
 - `discover` expands files, folders and manifest CSVs into `InputFile`s in a stable order; `shard`
   splits them between machines or torchrun ranks by a hash of the row key.
-- `scored_batches` decodes in a pool of threads (or processes: `pool`), ordered and prefetching a
-  bounded window, while the caller's thread runs the model, and yields `ScoredBatch`es in input
-  order: every file of the batch (bad ones with their error code) plus the probabilities of the
+- `scored_batches` decodes in the shared decoding pool (`medres.data.pool`: threads, or processes with
+  `pool="process"`), ordered and prefetching a bounded window, while the caller's thread runs the
+  model, and yields `ScoredBatch`es in input order: every file of the batch (bad ones with their error code) plus the probabilities of the
   good ones (calibrated; averaged over TTA views when asked) from `scorer_for`'s model (torch or
   ONNX Runtime, fp32/bf16/int8). Reports ask for a display-size copy of the original too
   (`display_max`), so no file is decoded twice.
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import multiprocessing as mp
-from collections import deque
-from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +23,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from medres.data import pool as decoding
+from medres.data.pool import DEFAULT_KIND as DECODE_POOL, default_workers  # noqa: F401 — predict and report import them from here
 from medres.errors import IngestError, NoInputs, UsageError
 from medres.gate import OodDetector, check_header
 from medres.files import resolve_under_root
@@ -99,7 +98,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-# --- decoding in worker processes ------------------------------------------------------------------
+# --- decoding (the shared pool: medres.data.pool) --------------------------------------------------
 @dataclass
 class Decoded:
     """One input file after decoding: model pixels and record, or the error that stopped it."""
@@ -125,90 +124,42 @@ class Decoded:
         return self.record.header() if self.record is not None else {}
 
 
-_WORKER: dict = {}
-# Threads by default: on 2 cores they matched or beat processes for JPEG, PNG and DICOM folders and
-# were 1.15–1.35× faster end to end with the int8 model (no pickling of decoded pixels between
-# processes, no fork of the model's memory); docs/benchmarks.md "decoding pool".
-DECODE_POOL = "thread"
+@dataclass(frozen=True)
+class _Decoding:
+    """What decoding a file needs (one per decoding process, or shared by the decoding threads)."""
+
+    spec: PreprocessSpec
+    cache: ImageCache | None
+    display_max: int | None
+    expect: dict
 
 
-def _init_worker(spec: PreprocessSpec, cache_dir: str | None, display_max: int | None, expect: dict | None = None, in_process: bool = False) -> None:
-    if not in_process:  # a decoding process gets one thread; the caller's process keeps its own
-        torch.set_num_threads(1)
-    _WORKER.update(spec=spec, cache=ImageCache(cache_dir) if cache_dir else None, display_max=display_max, expect=expect or {})
+def _start_decoding(spec: PreprocessSpec, cache_dir: str | None, display_max: int | None, expect: dict | None) -> _Decoding:
+    return _Decoding(spec, ImageCache(cache_dir) if cache_dir else None, display_max, expect or {})
 
 
-def _decode(item: InputFile) -> Decoded:
+def _decode(how: _Decoding, item: InputFile) -> Decoded:
     if item.error:
         return Decoded(item, code=item.error[1 : item.error.index("]")], message=item.error)
-    display_max = _WORKER["display_max"]
     try:
-        loaded = load_image(item.full, _WORKER["spec"], display_path=item.shown, cache=None if display_max else _WORKER["cache"], keep_original=display_max is not None)
+        loaded = load_image(item.full, how.spec, display_path=item.shown, cache=None if how.display_max else how.cache, keep_original=how.display_max is not None)
     except IngestError as err:
         return Decoded(item, code=err.code, message=err.one_line())
-    refused = check_header(loaded.record.header(), _WORKER["expect"])
+    refused = check_header(loaded.record.header(), how.expect)
     if refused:
         code, why = refused
         return Decoded(item, record=loaded.record, code=code, message=f"[{code}] {item.shown}: {why}", rejected=True)
     out = Decoded(item, loaded.pixels, loaded.record)
-    if display_max is not None:
-        out.display, out.display_scale = fit_within(loaded.original, display_max)
+    if how.display_max is not None:
+        out.display, out.display_scale = fit_within(loaded.original, how.display_max)
     return out
 
 
-def _decode_many(items: list[InputFile]) -> list[Decoded]:
-    return [_decode(i) for i in items]
-
-
-def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: str | None = None, workers: int = 0, display_max: int | None = None,
-                   expect: dict | None = None, chunk: int = 4, pool: str = DECODE_POOL) -> Iterator[Decoded]:
-    """Every file decoded, in input order; `workers` > 0 decode in that many processes (`pool`
-    "process") or threads of this process ("thread": PIL, pydicom's codecs and numpy release the GIL
-    for most of their work; see docs/benchmarks.md for which wins where).
-
-    At most 4 chunks per worker are in flight: when the model is slower than decoding, decoded images
-    wait in a bounded window instead of piling up (`Pool.imap` queues every file and buffers every
-    result: at 224 px that is 200 KB per file, 20 GB for 100,000 files)."""
-    if workers <= 0 or len(files) < 2:
-        _init_worker(spec, cache_dir, display_max, expect, in_process=True)
-        yield from map(_decode, files)
-        return
-    if pool not in ("process", "thread"):
-        raise UsageError(f"decoding pool must be process or thread, got {pool!r}")
-    chunks = (files[i : i + chunk] for i in range(0, len(files), chunk))
-    if pool == "thread":
-        from concurrent.futures import ThreadPoolExecutor
-
-        _init_worker(spec, cache_dir, display_max, expect, in_process=True)
-        with ThreadPoolExecutor(workers, thread_name_prefix="medres-decode") as ex:
-            yield from _windowed(lambda c: ex.submit(_decode_many, c).result, chunks, 4 * workers)
-        return
-    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec, cache_dir, display_max, expect)) as procs:
-        yield from _windowed(lambda c: procs.apply_async(_decode_many, (c,)).get, chunks, 4 * workers)
-
-
-def _windowed(submit: Callable, chunks: Iterator[list[InputFile]], depth: int) -> Iterator[Decoded]:
-    """Results of `submit(chunk)` (a callable that waits for the chunk's result) in order, with at
-    most `depth` chunks in flight."""
-    window = deque(submit(c) for c in islice(chunks, depth))
-    while window:
-        done = window.popleft()()
-        nxt = next(chunks, None)
-        if nxt is not None:
-            window.append(submit(nxt))
-        yield from done
-
-
-def default_workers(pool: str = DECODE_POOL) -> int:
-    """Decoding threads: one per core (at least 2, at most 4) — a decoding thread waits on file reads
-    and hands the GIL back while PIL/numpy work, so it takes less than a core from inference; on 2
-    cores two threads were 1.25× faster than one on 1–4K originals and no slower on small JPEGs
-    (docs/benchmarks.md "decoding pool"). Processes: the cores left after inference, at least 1, at most 4."""
-    import os
-
-    cores = os.cpu_count() or 2
-    return max(2, min(4, cores)) if pool == "thread" else max(1, min(4, cores - 1))
+def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: str | None = None, workers: int | None = 0, display_max: int | None = None,
+                   expect: dict | None = None, chunk: int = decoding.CHUNK, pool: str = DECODE_POOL) -> Iterator[Decoded]:
+    """Every file decoded, in input order, by the shared decoding pool (`medres.data.pool`): `workers`
+    threads (or processes: `pool`), 0 in the calling thread, None the default number."""
+    return decoding.imap(_decode, files, setup=_start_decoding, args=(spec, cache_dir, display_max, expect), workers=workers, kind=pool, chunk=chunk)
 
 
 # --- scoring backends ------------------------------------------------------------------------------

@@ -3,17 +3,19 @@ hospital IT team asks for before scheduling an overnight run. Each stage is time
 user's own files, then the whole path end to end:
 
 - start-up: checkpoint load (+ the OOD detector);
-- decode: files → model pixels, in the decoding processes predict would use;
+- decode: files → model pixels, in the decoding pool predict would use (`medres.data.pool`);
 - forward: the model (and the OOD features) on batches of those pixels, predict's precision;
 - write: rows → the output table's line format;
 - end to end: `predict` on the same files (process start excluded).
 
 The slowest stage bounds throughput. Results carry the machine (CPU model, cores, the instruction set
 torch dispatches to, threads), so figures from different machines are never compared as if equal.
+`benchmark` writes them as JSON; `summary_lines` is what the CLI prints.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -46,19 +48,38 @@ def _int8_isa() -> str | None:
     return int8_isa()
 
 
+def benchmark(checkpoint: str | Path, inputs: list, out: str | Path, **options) -> dict:
+    """`stage_benchmark(checkpoint, inputs, **options)`, its figures also written as JSON to `out`."""
+    from medres.files import atomic_write
+
+    res = stage_benchmark(checkpoint, inputs, **options)
+    atomic_write(Path(out), json.dumps(res, indent=2))
+    return res
+
+
+def summary_lines(res: dict) -> list[str]:
+    """The machine, start-up and images/s per stage, one line each, then the slowest stage."""
+    m = res["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_isa']}, {m['torch_threads']} threads){', ' + m['cuda'] if m['cuda'] else ''}",
+             f"start-up (checkpoint load): {res['startup_seconds']:.2f} s; {res['files']} files, {res['decoded_ok']} decoded"]
+    lines += [f"  {name:<11} {st['images_per_s']:8.1f} images/s" for name, st in res["stages"].items()]
+    return lines + [f"slowest stage: {res['bottleneck']}"]
+
+
 def stage_benchmark(checkpoint: str | Path, inputs: list, *, files: int = 200, batch_size: int = 32, workers: int | None = None,
                     device: str = "auto", precision: str = "auto", gate: str = "flag", backend: str = "torch", onnx_path=None) -> dict:
     from medres.io import PreprocessSpec
     from medres.model import load_checkpoint
     from medres.predict import Journal, columns, gate_of, predict, rows_of
-    from medres.scoring import ScoredBatch, decoded_stream, default_workers, discover, scorer_for
+    from medres.data.pool import resolve_workers
+    from medres.scoring import ScoredBatch, decoded_stream, discover, scorer_for
 
     chosen = discover(inputs)[:files]
     if not chosen:
         from medres.errors import NoInputs
 
         raise NoInputs(f"no input files found in {', '.join(str(i) for i in inputs)} (hidden and sidecar files such as .csv/.json/.txt are skipped)")
-    workers = default_workers() if workers is None else workers
+    workers = resolve_workers(workers)
     t0 = time.perf_counter()
     model, meta = load_checkpoint(checkpoint)
     scorer = scorer_for(checkpoint, model, meta, device=device, precision=precision, backend=backend, onnx_path=onnx_path)

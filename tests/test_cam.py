@@ -282,3 +282,82 @@ def test_report_with_occlusion(trained_run, tmp_path):
     assert summary["method"] == "occlusion" and summary["ok"] == 3 and summary["map_cells"] == [14, 14]
     assert all(v > 0 for v in summary["scales"].values())
     assert "occlusion patches (14×14 cells)" in (tmp_path / "r" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "occlusion"])
+def test_every_table_method_maps_at_the_input_size(method):
+    """Every entry of the method table gives non-negative (B, K, S, S) maps on the input's grid, empty
+    in the -1 (unused) target slots, through the one entry point the report uses."""
+    from medres.cam import METHODS, input_maps
+
+    assert set(METHODS) >= {"gradcam", "gradcam++", "occlusion"}
+    torch.manual_seed(0)
+    m = TinyNamed().eval()
+    x = torch.randn(2, 1, 12, 12)
+    maps, cells = input_maps(m, x, torch.tensor([[0, 1], [1, -1]]), method=method, layer="act", score="log_odds")
+    assert maps.shape == (2, 2, 12, 12) and len(cells) == 2 and all(c > 0 for c in cells)
+    assert (maps >= 0).all() and maps[1, 1].abs().sum() == 0
+
+
+def test_unknown_method_names_the_table():
+    from medres.cam import cam_method, input_maps
+
+    with pytest.raises(ValueError, match="gradcam, gradcam\\+\\+, occlusion"):
+        cam_method("lime")
+    with pytest.raises(ValueError, match="unknown CAM method 'occlusion'; choose from gradcam, gradcam\\+\\+"):
+        compute_cam(TinyNamed(), torch.randn(1, 1, 6, 6), torch.tensor([[0]]), layer="act", method="occlusion")
+    with pytest.raises(ValueError, match="lime"):
+        input_maps(TinyNamed(), torch.randn(1, 1, 6, 6), torch.tensor([[0]]), method="lime")
+
+
+def test_report_and_explain_never_branch_on_a_method_name():
+    """The method table is the only place a method is special-cased."""
+    from helpers import ROOT
+
+    for name in ("report.py", "explain.py"):
+        text = (ROOT / "medres" / name).read_text(encoding="utf-8")
+        for method in ("occlusion", "gradcam++", '"gradcam"'):
+            code = [line for line in text.splitlines() if method in line and "method: str = \"gradcam\"" not in line]
+            assert not code, f"medres/{name} names {method}: {code}"
+
+
+def _flat_maps(model, x, targets, *, score):
+    """A forward-only test method: every pixel of every used slot is 1, on a 2×2 'grid'."""
+    b, k = targets.shape
+    return torch.ones(b, k, x.shape[-2], x.shape[-1]) * (targets >= 0)[:, :, None, None], (2, 2)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "forward-only"])
+def test_a_method_added_to_the_table_drives_the_report(trained_run, tmp_path, monkeypatch, kind):
+    """Adding one table entry is all a new method takes: `report` runs it, on the layer or on its own
+    grid, maps every class or only the explained ones as the entry says, and labels pages and colour
+    bars with the entry's names."""
+    from medres import cam
+    from medres.data.synthetic import make_dataset
+    from medres.report import report
+
+    if kind == "gradient":  # the plain activation sum: channel weights all 1
+        entry = cam.CamMethod("actsum", "activation sum", "activation sum", weights=lambda a, g: torch.ones(a.shape[:2]))
+    else:
+        entry = cam.CamMethod("actsum", "flat map", "flatness", perturb=_flat_maps, region="whole-image cells", every_class=False)
+    monkeypatch.setitem(cam.METHODS, "actsum", entry)
+    from medres import plots
+
+    bars, real = [], plots.write_colorbar
+    monkeypatch.setattr(plots, "write_colorbar", lambda path, name, scale, **kw: (bars.append((name, kw["quantity"])), real(path, name, scale, **kw)))
+    manifest = make_dataset(tmp_path / "d", n_per_class=1, size=64, seed=3, dicom_fraction=0.0)
+    out = tmp_path / "r"
+    summary = report(trained_run / "model.safetensors", [manifest.parent / "images"], out, method="actsum", precision="fp32")
+    assert summary["method"] == "actsum" and summary["ok"] == 3
+    index = (out / "index.html").read_text()
+    n_classes = len(summary["scales"])
+    heats = sorted((out / "cases").glob("case-*_heat_*.png"))
+    if kind == "gradient":
+        assert summary["map_cells"] == [3, 3] and "layer4 (3×3 cells)" in index  # 96 px model, layer4
+        assert len(heats) == 3 * n_classes  # every class mapped (the case page's buttons)
+    else:
+        assert summary["map_cells"] == [2, 2] and "whole-image cells (2×2 cells)" in index
+        assert len(heats) == 3  # the explained class only (one per case: multiclass)
+        assert all(v == pytest.approx(1.0) for v in summary["scales"].values())
+    assert len(list(out.glob("colorbar_*.png"))) == n_classes
+    assert {q for _, q in bars} == {entry.measures}  # the shared scale's label is the entry's

@@ -72,3 +72,13 @@ def test_every_module_imports_on_its_own():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+def test_one_decoding_pool():
+    """The scoring path and the image store decode through medres.data.pool; neither starts threads
+    or processes of its own."""
+    mods = modules()
+    for name in ("medres.scoring", "medres.data.store"):
+        deps = imports_of(mods[name], name, set(mods) | {"multiprocessing", "concurrent.futures", "threading"})
+        assert "medres.data.pool" in deps, name
+        assert not deps & {"multiprocessing", "concurrent.futures", "threading"}, f"{name} starts its own pool: {deps}"

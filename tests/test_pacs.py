@@ -48,12 +48,13 @@ def _films(phantoms: Path, n: int) -> list[np.ndarray]:
 def make_study(folder: Path, phantoms: Path, *, films: int = 2, ct: bool = False, description: str = "medres test") -> tuple[str, list[Path]]:
     """A chest DX study (PA films) with identifiers, plus a CT slice if asked: the gate must skip it."""
     study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, arr in enumerate(_films(phantoms, films)):
         paths.append(make_dicom(folder / f"{study[-8:]}-{i}.dcm", arr, identifiers=True, StudyInstanceUID=study, SeriesInstanceUID=series,
                                 BodyPartExamined="CHEST", ViewPosition="PA", StudyDescription=description, InstanceNumber=i + 1, SeriesNumber=1))
     if ct:
-        paths.append(make_dicom(folder / f"{study[-8:]}-ct.dcm", np.zeros((32, 32), np.int16) - 1000, identifiers=True, StudyInstanceUID=study,
+        paths.append(make_dicom(folder / f"{study[-8:]}-ct.dcm", (np.arange(32 * 32, dtype=np.int16).reshape(32, 32) - 1000), identifiers=True, StudyInstanceUID=study,
                                 SeriesInstanceUID=generate_uid(), Modality="CT", BodyPartExamined="CHEST", StudyDescription=description, SeriesNumber=2,
                                 RescaleSlope=1, RescaleIntercept=0))
     return study, paths
@@ -90,7 +91,7 @@ def test_score_over_dicomweb_stores_sr_and_sc_into_the_source_study(pacs, login,
     assert r.exit_code == 0, r.output
     assert "1 studies: 1 scored and stored, 0 already scored, 0 failed (2 of 3 images scored" in r.output
     rows = list(csv.DictReader(open(out)))
-    assert sorted(r["status"] for r in rows) == ["ok", "ok", "rejected"] or sorted(r["status"] for r in rows) == ["error", "ok", "ok"]
+    assert sorted(r["status"] for r in rows) == ["ok", "ok", "rejected"], rows
     ct = next(r for r in rows if r["status"] != "ok")
     assert ct["error_code"] == "UNEXPECTED_MODALITY" and ct["stored"] == ""
     assert all(r["stored"] == "yes" for r in rows if r["status"] == "ok")
@@ -115,7 +116,7 @@ def test_score_over_dicomweb_stores_sr_and_sc_into_the_source_study(pacs, login,
 
     for row in (r for r in rows if r["status"] == "ok"):
         sop = next(uid for uid in by_sop if row["path"].endswith(f"{uid_hash(uid)}.dcm"))
-        assert read[sop] == pytest.approx({c: float(row[f"prob_{c}"]) for c in ("normal", "opacity")}, abs=1e-6)
+        assert read[sop] == pytest.approx({c[5:]: float(v) for c, v in row.items() if c.startswith("prob_")}, abs=1e-6)
     scs = _retrieve(pacs, study, sc_series[0]["uid"], tmp_path / "sc")
     assert len(scs) == 2 and {str(s.SourceImageSequence[0].ReferencedSOPInstanceUID) for s in scs} == set(read)
     # A second run finds this checkpoint's results in the study and skips it.
@@ -170,7 +171,7 @@ def test_a_refused_store_keeps_the_scores(pacs, login, trained_run, phantoms, tm
     r = runner.invoke(app, ["pacs", "score", "--checkpoint", str(trained_run), "--server", pacs.dicomweb, "--study", study, "--no-heatmaps", "--out", str(out)])
     assert r.exit_code == 1 and "[PACS_STORE_REJECTED]" in r.output, r.output
     (row,) = csv.DictReader(open(out))
-    assert row["status"] == "ok" and row["stored"] == "failed" and float(row["prob_normal"]) + float(row["prob_opacity"]) == pytest.approx(1, abs=1e-5)
+    assert row["status"] == "ok" and row["stored"] == "failed" and sum(float(v) for c, v in row.items() if c.startswith("prob_")) == pytest.approx(1, abs=1e-5)
 
 
 def _send(files: list[Path], port: int, called: str = "MEDRES") -> list[int]:

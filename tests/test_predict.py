@@ -175,14 +175,15 @@ def test_decoding_pools_give_the_same_table(trained_run, mixed, tmp_path, monkey
     decoders: set[str] = set()
     real = scoring._decode
 
-    def spy(item):
+    def spy(how, item):
         decoders.add(threading.current_thread().name)
-        return real(item)
+        return real(how, item)
 
     tables = {}
     for pool, workers in (("thread", 2), ("process", 2), ("thread", 0)):
         with monkeypatch.context() as m:
-            m.setattr(scoring, "_decode", spy)
+            if pool == "thread":  # a spawned decoding process imports the real _decode (a test's spy does not pickle)
+                m.setattr(scoring, "_decode", spy)
             predict(ckpt, [mixed], tmp_path / f"{pool}{workers}.csv", workers=workers, decode_pool=pool, precision="fp32")
         tables[pool, workers] = pd.read_csv(tmp_path / f"{pool}{workers}.csv", keep_default_na=False)
     ref = tables["thread", 0]

@@ -99,9 +99,9 @@ def test_one_pass_scores_like_predict_and_maps_like_compute_cam(built, trained_r
     direct = compute_cam(model, predictor.prepare(x), targets, score="log_odds", autocast_dtype=predictor.dtype).maps[0, 0].numpy()
     heat = np.asarray(Image.open(out / "cases" / f"{rows[name]['name']}_heat_{targets[0, 0].item()}.png"))
     assert heat.shape[-1] == 4 and direct.max() > 0  # the written layer exists; the numbers are checked below
-    from medres import report as report_mod
+    from medres.explain import ExplainingScorer, Options
 
-    scorer = report_mod._ExplainingScorer(predictor, report_mod._Options("gradcam", "layer4", None, "shared", False, False, False, False))
+    scorer = ExplainingScorer(predictor, Options("gradcam", "layer4", None, "shared", False, False, False, False))
     logits, feats = scorer.logits_and_features(x)
     np.testing.assert_allclose(scorer.last.maps[0, 0].numpy(), direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logits, predictor.logits(x), rtol=1e-5, atol=1e-5)
@@ -144,7 +144,7 @@ def test_faithfulness_against_a_known_model():
     brightness of the top-left quadrant. A map on that quadrant deletes the evidence first (low
     deletion AUC) and inserts it first (high insertion AUC); the opposite map does the reverse; the
     values equal a trapezoid over the hand-computed curve."""
-    from medres.report import _faithfulness
+    from medres.explain import deletion_insertion_auc as _faithfulness
 
     class Quadrant:
         def logits(self, x):

@@ -75,6 +75,36 @@ def test_second_open_decodes_nothing(pngs, tmp_path):
     assert ImageStore.open(pngs, SPEC, root=tmp_path, dtype="uint16").folder != again.folder
 
 
+
+def test_threads_processes_and_inline_build_the_same_rows(pngs, tmp_path):
+    """The shared decoding pool (medres.data.pool): threads (the default), spawned processes and
+    in-line decoding write the same rows and journal the same entries."""
+    built = {}
+    for pool, workers in (("thread", 0), ("thread", 3), ("process", 2)):
+        store = ImageStore.open(pngs, SPEC, root=tmp_path / f"{pool}{workers}")
+        assert store.ensure(workers=workers, pool=pool).decoded == len(pngs)
+        assert _journal_rows(store) == list(range(len(pngs)))  # in row order, whatever the pool
+        built[pool, workers] = (store.read_raw(np.arange(len(pngs))), store.errors(), store.digests())
+    ref = built["thread", 0]
+    for key, (pixels, errors, digests) in built.items():
+        np.testing.assert_array_equal(pixels, ref[0], err_msg=str(key))
+        assert errors == ref[1] and digests == ref[2], key
+
+
+def test_pool_workers_are_validated_and_defaulted():
+    from medres.data import pool
+    from medres.errors import UsageError
+
+    assert pool.resolve_workers(None) == pool.default_workers() == pool.default_workers("process")
+    assert 2 <= pool.default_workers() <= 4 and pool.resolve_workers(0) == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UsageError, match="--workers"):
+            pool.resolve_workers(bad)
+    with pytest.raises(UsageError, match="decoding pool"):
+        list(pool.imap(lambda s, x: x, [1, 2], setup=lambda: None, workers=2, kind="fork"))
+    assert pool.START_METHOD == "spawn" and pool.DEFAULT_KIND == "thread"
+
+
 _CHILD = textwrap.dedent(
     """
     import json, sys, time
@@ -82,9 +112,9 @@ _CHILD = textwrap.dedent(
     from medres.io import PreprocessSpec
 
     real = S._decode_row
-    def slow(job):  # test-only pacing so the parent can act mid-build
+    def slow(rows, job):  # test-only pacing so the parent can act mid-build
         time.sleep(0.01)
-        return real(job)
+        return real(rows, job)
     S._decode_row = slow
     items = [tuple(x) for x in json.load(open(sys.argv[1]))]
     store = S.ImageStore.open(items, PreprocessSpec(image_size=32), root=sys.argv[2])

@@ -13,8 +13,8 @@ Layout of a store folder (`<store_dir>/<key>/`):
     lock           flock'd by the one process that builds; the others wait, then read
 
 A row is usable only when the journal says so, so a half-built store is never read as complete:
-`ensure(rows)` decodes what is missing (in parallel processes that `pwrite` their rows), and a build
-killed with `kill -9` continues from the journal. Rows journaled after the last sync marker are
+`ensure(rows)` decodes what is missing (in the shared decoding pool, whose workers `pwrite` their
+rows), and a build killed with `kill -9` continues from the journal. Rows journaled after the last sync marker are
 checked against their crc32 when the store is opened (a machine crash can lose their pixels), and a
 file whose size or mtime changed since it was decoded is decoded again.
 
@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import time
 import zlib
@@ -42,6 +41,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from medres.data import pool as decoding
 from medres.errors import IngestError, MedresError, UsageError
 from medres.files import atomic_write
 from medres.io import ImageCache, PreprocessSpec, load_image
@@ -258,9 +258,12 @@ class ImageStore:
         return np.asarray(out, dtype=np.int64)
 
     # --- building ---------------------------------------------------------------------------------
-    def ensure(self, rows: np.ndarray | None = None, *, workers: int | None = None, progress: Callable[..., None] | None = None) -> BuildStats:
-        """Decode every row of `rows` (default: all) that is not in the store yet. Bad files become
-        error rows (see `errors`), never exceptions. Safe to call from several processes at once."""
+    def ensure(self, rows: np.ndarray | None = None, *, workers: int | None = None, progress: Callable[..., None] | None = None,
+               pool: str = decoding.DEFAULT_KIND) -> BuildStats:
+        """Decode every row of `rows` (default: all) that is not in the store yet, with `workers`
+        workers of the shared decoding pool (`medres.data.pool`; 0: in this thread, None: its default).
+        Bad files become error rows (see `errors`), never exceptions. Safe to call from several
+        processes at once."""
         t0 = time.perf_counter()
         want = np.arange(self.n) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
         todo = self.missing(want)
@@ -280,19 +283,18 @@ class ImageStore:
             if len(todo):
                 if progress:
                     progress(advance=0, total=len(todo))
-                stats.decoded = self._build(todo, workers, progress)
+                stats.decoded = self._build(todo, workers, progress, pool)
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def _build(self, todo: np.ndarray, workers: int | None, progress) -> int:
-        workers = (os.cpu_count() or 1) if workers is None else workers
+    def _build(self, todo: np.ndarray, workers: int | None, progress, pool: str) -> int:
         jobs = [(int(i), self.paths[i], self.shown[i]) for i in todo]
-        init = (str(self.folder / "pixels.npy"), self._offset, self.row_bytes, self.spec, self.dtype, self.cache_dir)
+        rows = (str(self.folder / "pixels.npy"), self._offset, self.row_bytes, self.spec, self.dtype, self.cache_dir)
         journal = open(self.folder / "journal.jsonl", "ab")
         t0 = last_sync = time.perf_counter()
         done = 0
         try:
-            for entry in _decode_rows(jobs, init, workers):
+            for entry in decoding.imap(_decode_row, jobs, setup=_open_rows, args=rows, workers=workers, kind=pool):
                 i = entry.pop("row")
                 journal.write(json.dumps({"row": i, **entry}).encode() + b"\n")
                 journal.flush()  # in the page cache now: survives kill -9 of this process
@@ -379,16 +381,29 @@ def _stat(path: str) -> tuple[int, int]:
         return -1, -1
 
 
-# --- decoding processes ----------------------------------------------------------------------------
-_W: dict = {}
+# --- decoding (the shared pool: medres.data.pool) --------------------------------------------------
+@dataclass
+class _RowWriter:
+    """What decoding a row needs: one per decoding process, or shared by the decoding threads (each
+    row is its own `pwrite` at its own offset, so threads never write over each other)."""
+
+    fd: int
+    offset: int
+    row_bytes: int
+    spec: PreprocessSpec
+    dtype: str
+    cache: ImageCache | None
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def _init_worker(pixels: str, offset: int, row_bytes: int, spec: PreprocessSpec, dtype: str, cache_dir: str | None) -> None:
-    _W.update(fd=os.open(pixels, os.O_WRONLY), offset=offset, row_bytes=row_bytes, spec=spec, dtype=dtype, cache=ImageCache(cache_dir) if cache_dir else None)
+def _open_rows(pixels: str, offset: int, row_bytes: int, spec: PreprocessSpec, dtype: str, cache_dir: str | None) -> _RowWriter:
+    return _RowWriter(os.open(pixels, os.O_WRONLY), offset, row_bytes, spec, dtype, ImageCache(cache_dir) if cache_dir else None)
 
 
-def _decode_row(job: tuple[int, str, str]) -> dict:
-    """Decode one file and pwrite its row; returns the journal entry (the parent writes it)."""
+def _decode_row(w: _RowWriter, job: tuple[int, str, str]) -> dict:
+    """Decode one file and pwrite its row; returns the journal entry (the caller writes it)."""
     i, full, shown = job
     size, mtime = _stat(full)
     entry = {"row": i, "ok": False, "code": "", "msg": "", "digest": "", "size": size, "mtime": mtime, "crc": 0}
@@ -399,28 +414,14 @@ def _decode_row(job: tuple[int, str, str]) -> dict:
     except OSError:
         pass
     try:
-        loaded = load_image(full, _W["spec"], display_path=shown, cache=_W["cache"], content_digest=entry["digest"] or None)
+        loaded = load_image(full, w.spec, display_path=shown, cache=w.cache, content_digest=entry["digest"] or None)
     except IngestError as err:
         entry.update(code=err.code, msg=err.one_line())
         return entry
-    data = np.ascontiguousarray(quantise(loaded.pixels, _W["dtype"])).tobytes()
-    os.pwrite(_W["fd"], data, _W["offset"] + i * _W["row_bytes"])
+    data = np.ascontiguousarray(quantise(loaded.pixels, w.dtype)).tobytes()
+    os.pwrite(w.fd, data, w.offset + i * w.row_bytes)
     entry.update(ok=True, crc=zlib.crc32(data))
     hdr = {k: v for k, v in loaded.record.header().items() if v and k in ("modality", "body_part", "view")}
     if hdr:
         entry["hdr"] = hdr
     return entry
-
-
-def _decode_rows(jobs: list[tuple[int, str, str]], init: tuple, workers: int) -> Iterator[dict]:
-    if workers <= 0 or len(jobs) < 16:
-        _init_worker(*init)
-        try:
-            yield from map(_decode_row, jobs)
-        finally:
-            os.close(_W.pop("fd"))
-        return
-    # fork is cheap and safe here (the workers never touch torch); spawn where fork is unavailable.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        yield from pool.imap_unordered(_decode_row, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 8))))

@@ -20,3 +20,12 @@ def candidate_files(folder: Path) -> Iterator[tuple[Path, str]]:
         rel = f.relative_to(folder)
         if f.is_file() and not any(part.startswith(".") for part in rel.parts) and f.suffix.lower() not in SIDECAR_SUFFIXES and f.name not in SIDECAR_NAMES:
             yield f, rel.as_posix()
+
+
+CHECKPOINT_SUFFIX = ".safetensors"  # a medres checkpoint; `medres inspect` describes it instead of decoding it
+
+
+def split_checkpoints(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(checkpoints, images) of the paths given, each in the given order."""
+    checkpoints = [p for p in paths if Path(p).suffix == CHECKPOINT_SUFFIX]
+    return checkpoints, [p for p in paths if Path(p).suffix != CHECKPOINT_SUFFIX]

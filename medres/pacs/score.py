@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pydicom
 from pydicom.uid import generate_uid
 
-from medres.errors import MedresError, NoInputs, PacsAssociationRejected, PacsAuthFailed, PacsNoImages, PacsUnreachable, UsageError
+from medres.errors import MedresError, NoInputs, PacsAssociationRejected, PacsAuthFailed, PacsError, PacsNoImages, PacsUnreachable, UsageError
+from medres.io.capture import one_line
 from medres.files import atomic_write, csv_text
 from medres.pacs.clients import NON_IMAGE_MODALITIES, client_for, read_header, uid_hash
 from medres.pacs.servers import Server
@@ -73,10 +73,10 @@ class StudyScorer:
         h = uid_hash(study_uid)
         if not files:
             raise PacsNoImages(f"study {h}: no image instance was retrieved")
-        root = files[0].parent.parent
-        frame = pd.DataFrame({"path": [f"{f.parent.name}/{f.name}" for f in files], "root": [str(root)] * len(files)})
-        table = self.model.predict(frame, gate=self.gate, batch_size=self.batch_size, workers=self.workers)
-        rows = [{"study": h, "stored": "", **row} for row in table.to_dict("records")]
+        from medres.scoring import InputFile
+
+        inputs = [InputFile(str(f), f"{f.parent.name}/{f.name}") for f in files]
+        rows = [{"study": h, "stored": "", **row} for row in self.model.rows(inputs, gate=self.gate, batch_size=self.batch_size, workers=self.workers)]
         ok = [(f, r) for f, r in zip(files, rows) if r["status"] == "ok"]
         result = StudyResult(h, "scored", images=len(files), scored=len(ok), rows=rows)
         if not ok:
@@ -84,7 +84,10 @@ class StudyScorer:
             raise PacsNoImages(f"study {h}: none of its {len(files)} images could be scored ({', '.join(reasons) or 'no reason given'})")
         meta = self.model.meta
         items = [(read_header(f), r) for f, r in ok]
-        result.datasets.append(build_sr(items, list(meta.classes), meta.task, checkpoint_sha=self.sha, nonce=nonce))
+        try:
+            result.datasets.append(build_sr(items, list(meta.classes), meta.task, checkpoint_sha=self.sha, nonce=nonce))
+        except (ValueError, TypeError, AttributeError) as exc:  # highdicom refuses what the source headers lack
+            raise PacsError(f"study {h}: the SR could not be built from its images' headers ({one_line(str(exc))})") from None
         if self.heatmaps:
             result.datasets += self._secondary_captures(study_uid, [f for f, _ in ok], nonce)
         return result

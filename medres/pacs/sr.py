@@ -17,6 +17,7 @@ twice (a retry, a restart after a crash) stores the same instance, not a duplica
 
 from __future__ import annotations
 
+import copy
 import re
 
 import highdicom as hd
@@ -77,7 +78,7 @@ def result_uids(study_uid: str, checkpoint_sha: str, nonce: str = "") -> tuple[s
 
 def build_sr(items: list[tuple[Dataset, dict]], classes: list[str], task: str, *, checkpoint_sha: str, nonce: str = "") -> hd.sr.ComprehensiveSR:
     """`items`: (source image header, predict's output row) for each scored image of one study."""
-    headers = [h for h, _ in items]
+    headers = [_with_type2(h) for h, _ in items]
     study_uid = str(headers[0].StudyInstanceUID)
     series_uid, sop_uid = result_uids(study_uid, checkpoint_sha, nonce)
     algorithm = hd.sr.AlgorithmIdentification(name="medres", version=__version__, parameters=[f"checkpoint sha256 {checkpoint_sha}"])
@@ -95,6 +96,19 @@ def build_sr(items: list[tuple[Dataset, dict]], classes: list[str], task: str, *
     sr.SeriesDescription = series_description(checkpoint_sha)
     sr.SoftwareVersions = __version__
     return sr
+
+
+# Patient and study attributes of Type 2 (required, may be empty) that highdicom copies from the
+# evidence; many real files leave some out, and an SR must not invent them.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2(header: Dataset) -> Dataset:
+    header = copy.deepcopy(header)
+    for keyword in _TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
 
 
 def _group(index: int, header: Dataset, row: dict, classes: list[str], task: str, algorithm, sr_uid: str):
@@ -115,7 +129,7 @@ def _group(index: int, header: Dataset, row: dict, classes: list[str], task: str
 
 def read_probabilities(sr: Dataset) -> dict[str, dict[str, float]]:
     """{source SOP Instance UID: {class meaning: probability}} from an SR this module wrote (for checks)."""
-    parsed = hd.sr.srread(sr) if not isinstance(sr, hd.sr.ComprehensiveSR) else sr
+    parsed = sr if isinstance(sr, hd.sr.ComprehensiveSR) else hd.sr.ComprehensiveSR.from_dataset(sr)
     out: dict[str, dict[str, float]] = {}
     for group in parsed.content.get_image_measurement_groups():
         source = group.source_images[0].referenced_sop_instance_uid
