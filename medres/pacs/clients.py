@@ -112,6 +112,9 @@ class DicomWebClient:
         datasets = self._call("WADO-RS", lambda: list(self._client.iter_series(study, series)))
         return [write_instance(ds, folder) for ds in datasets]
 
+    def close(self) -> None:
+        self._client._session.close() if hasattr(self._client, "_session") else None
+
     def store(self, datasets: list[Dataset]) -> None:
         if not datasets:
             return
@@ -135,8 +138,14 @@ _STORE_BACK = ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7")  # 
 
 
 class DimseClient:
+    """DIMSE over at most two associations kept open between calls — one for C-FIND/C-GET (with SCP
+    roles for the image storage classes it retrieves), one for C-STORE — since opening an association
+    costs ~0.1 s, more than scoring a film. `close()` releases them."""
+
     def __init__(self, server: Server):
         self.server = server
+        self._open: dict[str, object] = {}
+        self._sink: tuple[Path, list[Path]] | None = None
 
     def _associate(self, contexts: list[str], *, get_roles: tuple[str, ...] = (), handlers=None):
         from pynetdicom import AE, build_role
@@ -162,7 +171,43 @@ class DimseClient:
                                           "is medres's AE title known to the PACS?")
         if not assoc.is_established:
             raise PacsAssociationRejected(f"{self.server.label}: association aborted before it was established")
+        _no_delay(assoc)
         return assoc
+
+    def _session(self, kind: str):
+        """The open association for "query" (C-FIND + C-GET) or "store" (C-STORE), reopened if the
+        peer closed it."""
+        from pynetdicom import evt
+
+        assoc = self._open.get(kind)
+        if assoc is not None and assoc.is_established:
+            return assoc
+        if kind == "query":
+            assoc = self._associate(["find", "get"], get_roles=_IMAGE_STORAGE, handlers=[(evt.EVT_C_STORE, self._on_store)])
+        else:
+            assoc = self._associate(list(_STORE_BACK))
+        self._open[kind] = assoc
+        return assoc
+
+    def _drop(self, kind: str) -> None:
+        assoc = self._open.pop(kind, None)
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
+
+    def close(self) -> None:
+        for kind in list(self._open):
+            assoc = self._open.pop(kind)
+            if assoc.is_established:
+                assoc.release()
+
+    def _on_store(self, event):
+        if self._sink is None:
+            return 0xA700  # a C-STORE outside a C-GET of ours
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        folder, written = self._sink
+        written.append(write_instance(ds, folder))
+        return 0x0000
 
     def echo(self) -> str:
         assoc = self._associate(["echo"])
@@ -184,17 +229,18 @@ class DimseClient:
         query.QueryRetrieveLevel = level
         for keyword, value in keys.items():
             setattr(query, keyword, value)
-        assoc = self._associate(["find"])
+        assoc = self._session("query")
         found = []
         try:
             for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code in (0xFF00, 0xFF01) and identifier is not None:
                     found.append(identifier)
-                elif code not in (0x0000,):
-                    raise PacsError(f"{self.server.label}: C-FIND {level} failed with status {code:#06x}")
-        finally:
-            assoc.release()
+                elif code != 0x0000:
+                    raise PacsError(f"{self.server.label}: C-FIND {level} failed with status {code:#06x}" if code >= 0 else f"{self.server.label}: C-FIND {level} got no answer")
+        except BaseException:
+            self._drop("query")
+            raise
         return found
 
     def find_studies(self, query: dict[str, str]) -> list[str]:
@@ -206,36 +252,31 @@ class DimseClient:
         return [Series(str(ds.get("SeriesInstanceUID", "")), str(ds.get("Modality", "")), str(ds.get("SeriesDescription", ""))) for ds in found]
 
     def retrieve(self, study: str, series: str, folder: Path) -> list[Path]:
-        from pynetdicom import evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
         folder.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-
-        def on_store(event):
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            written.append(write_instance(ds, folder))
-            return 0x0000
-
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
         query.StudyInstanceUID = study
         query.SeriesInstanceUID = series
-        assoc = self._associate(["get"], get_roles=_IMAGE_STORAGE, handlers=[(evt.EVT_C_STORE, on_store)])
+        assoc = self._session("query")
+        self._sink = (folder, [])
         try:
             for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code not in (0x0000, 0xFF00, 0xFF01, 0xB000):
-                    raise PacsError(f"{self.server.label}: C-GET failed with status {code:#06x}")
+                    raise PacsError(f"{self.server.label}: C-GET failed with status {code:#06x}" if code >= 0 else f"{self.server.label}: C-GET got no answer")
+            return self._sink[1]
+        except BaseException:
+            self._drop("query")
+            raise
         finally:
-            assoc.release()
-        return written
+            self._sink = None
 
     def store(self, datasets: list[Dataset]) -> None:
         if not datasets:
             return
-        assoc = self._associate(list(_STORE_BACK))
+        assoc = self._session("store")
         refused = []
         try:
             for ds in datasets:
@@ -243,10 +284,22 @@ class DimseClient:
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code not in (0x0000, 0xB000, 0xB007, 0xB006):
                     refused.append(code)
-        finally:
-            assoc.release()
+        except BaseException:
+            self._drop("store")
+            raise
         if refused:
             raise PacsStoreRejected(f"{self.server.label}: C-STORE refused {len(refused)} of {len(datasets)} instances (statuses {', '.join(sorted({f'{c:#06x}' for c in refused}))})")
+
+
+def _no_delay(assoc) -> None:
+    """TCP_NODELAY: a DIMSE exchange is a few small PDUs each way, which Nagle's algorithm holds back
+    until the peer's delayed ACK (tens of ms per message)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 def _keyword(key: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from medres.errors import MedresError, UsageError
 from medres.files import atomic_write
 from medres.pacs.clients import client_for, uid_hash, write_instance
-from medres.pacs.score import FATAL, StudyResult, StudyScorer, failure_row, store_back
+from medres.pacs.score import FATAL, StudyResult, StudyScorer, failed_result, store_back
 from medres.pacs.servers import Server
 
 log = logging.getLogger("medres.pacs")
@@ -167,7 +167,6 @@ def _process(folder: Path, scorer: StudyScorer, client, *, resumed: bool = False
         log.error("%s (study %s kept in the spool)", err.one_line(), h)
         return None
     except MedresError as err:
-        log.warning("%s", err.one_line())
-        return StudyResult(h, "failed", code=err.code, message=err.one_line(), rows=[failure_row(h, err)])
+        return failed_result(h, err)
     log.info("study %s: %s (%d images, %d scored)", h, result.status, result.images, result.scored)
     return result

@@ -31,6 +31,9 @@ log = logging.getLogger("medres.pacs")
 
 # Server-level failures: no later study can succeed either, so stop (after saving the table).
 FATAL = (PacsUnreachable, PacsAuthFailed, PacsAssociationRejected)
+# Studies retrieved and scored together: one pass of the model and of the report over their images
+# (per-study calls cost more than scoring a film), while a failure costs at most this many studies' work.
+CHUNK_STUDIES = 16
 
 
 @dataclass
@@ -70,46 +73,70 @@ class StudyScorer:
         return any(s.description.strip() == self.marker for s in series)
 
     def score(self, study_uid: str, files: list[Path], *, nonce: str = "") -> StudyResult:
-        h = uid_hash(study_uid)
-        if not files:
-            raise PacsNoImages(f"study {h}: no image instance was retrieved")
-        from medres.scoring import InputFile
-
-        inputs = [InputFile(str(f), f"{f.parent.name}/{f.name}") for f in files]
-        rows = [{"study": h, "stored": "", **row} for row in self.model.rows(inputs, gate=self.gate, batch_size=self.batch_size, workers=self.workers)]
-        ok = [(f, r) for f, r in zip(files, rows) if r["status"] == "ok"]
-        result = StudyResult(h, "scored", images=len(files), scored=len(ok), rows=rows)
-        if not ok:
-            reasons = sorted({r["error_code"] for r in rows if r["error_code"]})
-            raise PacsNoImages(f"study {h}: none of its {len(files)} images could be scored ({', '.join(reasons) or 'no reason given'})")
-        meta = self.model.meta
-        items = [(read_header(f), r) for f, r in ok]
-        try:
-            result.datasets.append(build_sr(items, list(meta.classes), meta.task, checkpoint_sha=self.sha, nonce=nonce))
-        except (ValueError, TypeError, AttributeError) as exc:  # highdicom refuses what the source headers lack
-            raise PacsError(f"study {h}: the SR could not be built from its images' headers ({one_line(str(exc))})") from None
-        if self.heatmaps:
-            result.datasets += self._secondary_captures(study_uid, [f for f, _ in ok], nonce)
+        """One study; a study with nothing scorable raises its PACS_* error."""
+        (result,) = self.score_many([(study_uid, files)], nonce=nonce)
+        if isinstance(result, MedresError):
+            raise result
         return result
 
-    def _secondary_captures(self, study_uid: str, files: list[Path], nonce: str) -> list:
-        """The report's Grad-CAM overlays as Secondary Capture in the source study, one series per
-        study and checkpoint, UIDs derived so that storing twice stores the same instances."""
+    def score_many(self, studies: list[tuple[str, list[Path]]], *, nonce: str = "") -> list[StudyResult | MedresError]:
+        """Several studies' images in one pass of predict's path (and one report for the heatmaps):
+        per study a StudyResult with its rows, SR and SCs, or the error that stopped it."""
+        from medres.scoring import InputFile
+
+        files = [f for _, fs in studies for f in fs]
+        inputs = [InputFile(str(f), f"{f.parent.name}/{f.name}") for f in files]
+        rows = iter(self.model.rows(inputs, gate=self.gate, batch_size=self.batch_size, workers=self.workers)) if inputs else iter(())
+        out: list[StudyResult | MedresError] = []
+        for uid, fs in studies:
+            h = uid_hash(uid)
+            study_rows = [{"study": h, "stored": "", **next(rows)} for _ in fs]
+            out.append(self._result(uid, fs, study_rows, nonce))
+        if self.heatmaps:
+            scored = [[f for f, r in zip(fs, res.rows) if r["status"] == "ok"] for (_, fs), res in zip(studies, out) if isinstance(res, StudyResult)]
+            captures = self._secondary_captures([f for fs in scored for f in fs], nonce)
+            for res in out:
+                if isinstance(res, StudyResult):
+                    res.datasets += captures.get(res.study, [])
+        return out
+
+    def _result(self, uid: str, files: list[Path], rows: list[dict], nonce: str) -> StudyResult | MedresError:
+        h = uid_hash(uid)
+        if not files:
+            return PacsNoImages(f"study {h}: no image instance was retrieved")
+        ok = [(f, r) for f, r in zip(files, rows) if r["status"] == "ok"]
+        if not ok:
+            reasons = sorted({r["error_code"] for r in rows if r["error_code"]})
+            err = PacsNoImages(f"study {h}: none of its {len(files)} images could be scored ({', '.join(reasons) or 'no reason given'})")
+            err.rows = rows  # the images' own codes still reach the table
+            return err
+        meta = self.model.meta
+        try:
+            sr = build_sr([(read_header(f), r) for f, r in ok], list(meta.classes), meta.task, checkpoint_sha=self.sha, nonce=nonce)
+        except (ValueError, TypeError, AttributeError) as exc:  # highdicom refuses what the source headers lack
+            return PacsError(f"study {h}: the SR could not be built from its images' headers ({one_line(str(exc))})")
+        return StudyResult(h, "scored", images=len(files), scored=len(ok), rows=rows, datasets=[sr])
+
+    def _secondary_captures(self, files: list[Path], nonce: str) -> dict[str, list]:
+        """The report's Grad-CAM overlays as Secondary Capture in each source study ({study hash: SCs}),
+        one series per study and checkpoint, UIDs derived so that storing twice stores the same instances."""
         from medres.report import report
 
+        if not files:
+            return {}
+        out: dict[str, list] = {}
         with tempfile.TemporaryDirectory(prefix="medres-pacs-cam-", dir=files[0].parent.parent) as tmp:
             report(self.checkpoint, [str(f) for f in files], Path(tmp), dicom_sc=True, include_identifiers=True, gate=self.gate,
                    workers=0, device=self.device, precision=self.precision)
-            series_uid = generate_uid(entropy_srcs=["medres-sc-series", study_uid, self.sha, nonce])
-            out = []
             for path in sorted(Path(tmp, "cases").glob("*_cam_*.dcm")):
                 sc = pydicom.dcmread(str(path))
+                study = str(sc.StudyInstanceUID)
                 source = str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)
-                sc.SeriesInstanceUID = series_uid
+                sc.SeriesInstanceUID = generate_uid(entropy_srcs=["medres-sc-series", study, self.sha, nonce])
                 sc.SOPInstanceUID = sc.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["medres-sc", source, self.sha, str(sc.SeriesDescription), nonce])
                 sc.SeriesDescription = f"medres Grad-CAM {self.sha[:12]}"[:64]
-                out.append(sc)
-            return out
+                out.setdefault(uid_hash(study), []).append(sc)
+        return out
 
 
 class ResultTable:
@@ -154,35 +181,50 @@ def pacs_score(checkpoint: str | Path, server: Server, *, studies: list[str] = (
     outcomes: list[StudyResult] = []
     started = time.perf_counter()
     try:
-        for uid in uids:
-            outcome = _one_study(client, scorer, uid, spool, rescore=rescore)
-            outcomes.append(outcome)
-            table.add(outcome.rows)
-            log.info("study %s: %s (%d images, %d scored)%s", outcome.study, outcome.status, outcome.images, outcome.scored, f" {outcome.code}" if outcome.code else "")
+        for i in range(0, len(uids), CHUNK_STUDIES):
+            for outcome in _score_chunk(client, scorer, uids[i : i + CHUNK_STUDIES], spool, rescore=rescore):
+                outcomes.append(outcome)
+                table.add(outcome.rows)
+                log.info("study %s: %s (%d images, %d scored)%s", outcome.study, outcome.status, outcome.images, outcome.scored, f" {outcome.code}" if outcome.code else "")
     finally:
         shutil.rmtree(spool, ignore_errors=True)
+        getattr(client, "close", lambda: None)()
     return summary_of(outcomes, server, time.perf_counter() - started, table.path)
 
 
-def _one_study(client, scorer: StudyScorer, uid: str, spool: Path, *, rescore: bool) -> StudyResult:
-    h = uid_hash(uid)
+def _score_chunk(client, scorer: StudyScorer, uids: list[str], spool: Path, *, rescore: bool) -> list[StudyResult]:
+    """Retrieve a few studies, score their images in one pass, store each study's results back."""
+    ready: list[tuple[str, list[Path]]] = []
+    done: dict[str, StudyResult] = {}
+    for uid in uids:
+        h = uid_hash(uid)
+        try:
+            series = client.series(uid)
+            if not series:
+                raise PacsNoImages(f"study {h}: not found on the server")
+            if not rescore and scorer.already_scored(series):
+                done[uid] = StudyResult(h, "skipped", message=f"already holds '{scorer.marker}' (pass --rescore to score again)")
+                continue
+            images = [s for s in series if s.modality.upper() not in NON_IMAGE_MODALITIES and not s.description.startswith("medres")]
+            ready.append((uid, [f for s in images for f in client.retrieve(uid, s.uid, spool / h)]))
+        except FATAL:
+            raise
+        except MedresError as err:
+            done[uid] = failed_result(h, err)
     try:
-        series = client.series(uid)
-        if not series:
-            raise PacsNoImages(f"study {h}: not found on the server")
-        if not rescore and scorer.already_scored(series):
-            return StudyResult(h, "skipped", message=f"already holds '{scorer.marker}' (pass --rescore to score again)")
-        images = [s for s in series if s.modality.upper() not in NON_IMAGE_MODALITIES and not s.description.startswith("medres")]
-        files = [f for s in images for f in client.retrieve(uid, s.uid, spool / h)]
-        result = scorer.score(uid, files, nonce=str(time.time_ns()) if rescore else "")
-        return store_back(client, result)
-    except FATAL:
-        raise
-    except MedresError as err:
-        log.warning("%s", err.one_line())
-        return StudyResult(h, "failed", code=err.code, message=err.one_line(), rows=[failure_row(h, err)])
+        results = scorer.score_many(ready, nonce=str(time.time_ns()) if rescore else "")
+        for (uid, _), result in zip(ready, results):
+            done[uid] = store_back(client, result) if isinstance(result, StudyResult) else failed_result(uid_hash(uid), result)
     finally:
-        shutil.rmtree(spool / h, ignore_errors=True)
+        for uid, _ in ready:
+            shutil.rmtree(spool / uid_hash(uid), ignore_errors=True)
+    return [done[uid] for uid in uids]
+
+
+def failed_result(h: str, err: MedresError) -> StudyResult:
+    log.warning("%s", err.one_line())
+    rows = getattr(err, "rows", None) or [failure_row(h, err)]
+    return StudyResult(h, "failed", images=len(getattr(err, "rows", None) or []), code=err.code, message=err.one_line(), rows=rows)
 
 
 def store_back(client, result: StudyResult) -> StudyResult:
