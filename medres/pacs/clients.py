@@ -78,6 +78,9 @@ class DicomWebClient:
         if server.client_cert:
             session.cert = (server.client_cert, server.client_key) if server.client_key else server.client_cert
         self._client = DICOMwebClient(server.url, session=session, timeout=TIMEOUT)
+        # dicomweb-client's default (5 attempts, 1 s exponential back-off) spends 30 s on a closed port;
+        # 3 attempts from 0.25 s still ride out a busy server's 429/503.
+        self._client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=250)
 
     def _call(self, what: str, fn, *args, **kwargs):
         import requests
