@@ -202,6 +202,10 @@ def _training_data(t: Section, rd: "RunDir", meta, cfg: dict, counts: pd.DataFra
         u = selection["unlabeled"]
         t.p(f"Unlabelled films also used (semi-supervised, FixMatch-style pseudo-labels at confidence ≥ {u['pseudo_threshold']}): {u['films']} from "
             f"{Path(u['source']).name}, {u['ratio']} per labelled film in each step; none of them is in the validation or test split.")
+    aug = _augmentation_line(cfg)
+    t.p(f"Augmentation during training (train.augment): {aug}.")
+    if (rd.folder / "augment.png").is_file():
+        t.img(rd.folder / "augment.png", "training images beside their augmented versions")
     if str(meta.weights_source or "").endswith("backbone.safetensors"):
         t.p(f"Initial weights from self-supervised pretraining on unlabelled films: {meta.weights_source} (sha256 {meta.weights_sha256}).")
     states = label_states_table(rd)
@@ -209,6 +213,21 @@ def _training_data(t: Section, rd: "RunDir", meta, cfg: dict, counts: pd.DataFra
         uncertain = cfg.get("data", {}).get("uncertain", "ignore")
         t.p(f"Label states as the manifest gave them (uncertain policy: {uncertain}; missing labels, and uncertain ones under ignore, are masked):")
         t.table(["class", "positive", "negative", "uncertain", "missing"], states)
+
+
+def _augmentation_line(cfg: dict) -> str:
+    """train.augment as the run's config.yaml recorded it (true, false or a mapping; older runs' train.hflip read too)."""
+    from medres.config import augment_settings
+    from medres.errors import ConfigInvalid
+
+    train = cfg.get("train", {}) or {}
+    value = train.get("augment", True)
+    if train.get("hflip") is True and value is not False:
+        value = {**(value if isinstance(value, dict) else {}), "hflip": True}
+    try:
+        return augment_settings(value).describe()
+    except (ValueError, ConfigInvalid):
+        return f"not readable from config.yaml ({value!r})"
 
 
 def _quantitative_analyses(q: Section, meta, ev: dict | None) -> None:

@@ -192,6 +192,36 @@ def pretrain(
     typer.echo(f"fine-tune from it: medres train --config ... --set model.weights={summary['backbone']}")
 
 
+@app.command("lr-find")
+def lr_find_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key: --set train.batch_size=16 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for lr_find.png and lr_find.json (default runs/<name>-lr-find-<time>)."),
+    steps: int = typer.Option(100, "--steps", min=2, help="Steps of the exponential sweep (one batch each)."),
+    start_lr: float = typer.Option(1e-7, "--start-lr", min=0, help="First learning rate of the sweep."),
+    end_lr: float = typer.Option(10.0, "--end-lr", min=0, help="Last learning rate; the sweep stops earlier when the loss diverges."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Learning-rate range test on the training pipeline: suggests train.lr; saves no weights.
+
+    Example: medres lr-find --config configs/covid_xray.yaml --out runs/covid-lr
+    """
+    from medres.config import load_config
+    from medres.lr_find import lr_find
+    from medres.run import new_run_folder
+
+    def go():
+        cfg = load_config(config, list(set_))
+        folder = out or new_run_folder(f"{cfg.name}-lr-find")
+        return folder, lr_find(cfg, folder, steps=steps, start_lr=start_lr, end_lr=end_lr, show_progress=not quiet)
+
+    folder, result = _run(go)
+    typer.echo(f"{result['steps_run']} of {result['steps']} steps ({result['stopped']}), {result['stage']}")
+    typer.echo(f"suggested lr {result['suggestion']:.3g} ({result['rule']})")
+    typer.echo(f"train with: {result['set']}")
+    typer.echo(f"plot: {folder / 'lr_find.png'}")
+
+
 # --- evaluate / calibrate --------------------------------------------------------------------------
 @app.command()
 def evaluate(
@@ -203,6 +233,7 @@ def evaluate(
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Patient-level bootstrap resamples for 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     out: Path = typer.Option(..., "--out", help="Output folder (metrics.json, per_case.csv, plots, report.html)."),
+    top_losses: int = typer.Option(0, "--top-losses", min=0, help="Also write the N highest-loss cases with the Grad-CAMs of their true and predicted class (OUT/top_losses/index.html)."),
     device: Device = "auto",
     store_dir: StoreDir = None,
     workers: Workers = None,
@@ -216,7 +247,7 @@ def evaluate(
 
     def go():
         ckpt, man, splits, store = eval_inputs(run, checkpoint, manifest, store_dir)
-        return run_eval(ckpt, man, out, split=split or None, splits_csv=splits, by=[b for b in by.split(",") if b], bootstrap=bootstrap, seed=seed, device=device, store_dir=store, num_workers=workers)
+        return run_eval(ckpt, man, out, split=split or None, splits_csv=splits, by=[b for b in by.split(",") if b], bootstrap=bootstrap, seed=seed, device=device, store_dir=store, num_workers=workers, top_losses=top_losses)
 
     result = _run(go)
     m = result["macro"]
@@ -240,6 +271,8 @@ def evaluate(
     for w in result["warnings"]:
         typer.echo(f"warning: {w}")
     typer.echo(f"report: {out / 'report.html'}")
+    if result.get("top_losses"):
+        typer.echo(f"top losses: {result['top_losses']['cases']} cases -> {out / result['top_losses']['index']}")
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -74,18 +74,89 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
 
 
+class AugmentConfig(_Strict):
+    """train.augment as a mapping: one entry per transform. Defaults are today's chest-X-ray-safe recipe."""
+
+    rotation: float = Field(7.0, ge=0, le=45, description="Rotation in degrees, uniform in ±rotation (0: off).")
+    scale: tuple[float, float] = Field((0.92, 1.08), description="Zoom factor range [low, high], uniform; [1, 1]: off.")
+    translate: float = Field(0.06, ge=0, le=0.5, description="Shift as a fraction of the image side, uniform in ±translate per axis (0: off).")
+    brightness: float = Field(0.08, ge=0, le=1, description="Added intensity, uniform in ±brightness (pixels in [0, 1]; 0: off).")
+    contrast: float = Field(0.12, ge=0, lt=1, description="Contrast factor around the image mean, uniform in 1 ± contrast (0: off).")
+    gamma: float = Field(0.15, ge=0, le=1, description="Gamma exp(u), u uniform in ±gamma (0: off).")
+    noise: float = Field(0.0, ge=0, le=0.5, description="Std of added Gaussian noise (pixels in [0, 1]; 0: off).")
+    hflip: bool = Field(False, description="Random left-right flips; off for chest films: laterality matters (the heart is on the patient's left).")
+    vflip: bool = Field(False, description="Random up-down flips; off for chest films: an upside-down chest is not a plausible radiograph.")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0 < lo <= hi <= 2:
+            raise ValueError(f"train.augment.scale must be [low, high] with 0 < low <= high <= 2, got [{lo}, {hi}]")
+        return v
+
+    @classmethod
+    def off(cls) -> "AugmentConfig":
+        """Every transform switched off (train.augment: false)."""
+        return cls(rotation=0, scale=(1.0, 1.0), translate=0, brightness=0, contrast=0, gamma=0, noise=0, hflip=False, vflip=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self != AugmentConfig.off()
+
+    def describe(self) -> str:
+        """One line for augment.png and the model card: each entry and its strength."""
+        if not self.enabled:
+            return "off (train.augment: false)"
+        lo, hi = self.scale
+        entries = [("rotation", self.rotation, f"±{self.rotation:g}°"), ("scale", (lo, hi) != (1, 1), f"{lo:g}–{hi:g}"),
+                   ("translate", self.translate, f"±{self.translate:g}"), ("brightness", self.brightness, f"±{self.brightness:g}"),
+                   ("contrast", self.contrast, f"±{self.contrast:g}"), ("gamma", self.gamma, f"log ±{self.gamma:g}"),
+                   ("noise", self.noise, f"std {self.noise:g}"), ("hflip", self.hflip, "on"), ("vflip", self.vflip, "on")]
+        return ", ".join(f"{name} {text if on else 'off'}" for name, on, text in entries)
+
+
+def augment_settings(value: "bool | dict | AugmentConfig") -> AugmentConfig:
+    """train.augment as written (true, false or a mapping of overrides) → every entry resolved."""
+    if isinstance(value, AugmentConfig):
+        return value
+    if isinstance(value, dict):
+        return AugmentConfig.model_validate(value)
+    return AugmentConfig() if value else AugmentConfig.off()
+
+
+def _augment_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = "train.augment." + ".".join(str(p) for p in e["loc"][:1])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key} is not an augmentation entry (entries: {', '.join(AugmentConfig.model_fields)})")
+        elif msg.startswith("train."):
+            lines.append(msg)
+        else:
+            lines.append(f"{key} {_lower_first(msg)}, got {e.get('input')!r}")
+    return "; ".join(lines)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1, description="Number of epochs.")
     batch_size: int = Field(32, ge=1, description="Images per step (per process under DDP).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of the head; the backbone uses lr * backbone_lr_mult.")
     backbone_lr_mult: float = Field(0.1, gt=0, le=1.0, description="Discriminative LR: backbone LR as a fraction of lr.")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay (decoupled under AdamW, L2 under SGD).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (with train.momentum and train.nesterov).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (train.optimizer: sgd).")
+    nesterov: bool = Field(False, description="Nesterov momentum (train.optimizer: sgd, momentum > 0).")
+    schedule: Literal["cosine", "onecycle", "step"] = Field("cosine", description="LR schedule per step: cosine (warm-up then cosine to 0), onecycle (cosine up from lr/25 over the warm-up, or 30% of steps without one, then cosine down to lr/25e4), step (warm-up, then x step_gamma every step_epochs).")
+    step_epochs: float = Field(3.0, gt=0, description="train.schedule step: epochs between LR drops.")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="train.schedule step: factor applied to the LR at each drop.")
+    ema: float | None = Field(None, gt=0, lt=1, description="Exponential moving average of the weights with this decay, updated each step and validated each epoch; the better of live and EMA weights becomes the best checkpoint (None: off).")
     freeze_epochs: int = Field(1, ge=0, description="Epochs training only the head (linear probe) before unfreezing.")
-    warmup_epochs: float = Field(0.5, ge=0, description="Linear warm-up length before the cosine decay.")
+    warmup_epochs: float = Field(0.5, ge=0, description="Linear warm-up length before the cosine or step decay; under onecycle, the rise from lr/25 to lr.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing for the loss.")
     balance: Literal["none", "weights", "sampler"] = Field("weights", description="Class imbalance: class-weighted loss, balanced sampler, or none.")
-    augment: bool = Field(True, description="Chest-X-ray-safe augmentation (small affine, brightness/contrast/gamma; no flips).")
-    hflip: bool = Field(False, description="Horizontal flips (off: the heart is on the left).")
+    augment: Union[bool, AugmentConfig] = Field(True, description="Chest-X-ray-safe augmentation: true (rotation, scale, translate, brightness, contrast, gamma; no flips), false (none), or a mapping overriding single entries of train.augment.*.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 autocast on CPUs that support it, bf16/fp16 on CUDA.")
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
@@ -104,10 +175,41 @@ class TrainConfig(_Strict):
     log_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list, description="Experiment trackers (pip install 'medres[tracking]'): tensorboard writes RUN/tensorboard; mlflow logs params, per-epoch metrics, checkpoint and card.")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (None: sqlite:///RUN/mlflow.db with artifacts in RUN/mlartifacts; or your server's URI).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_hflip(cls, data: Any) -> Any:
+        # train.hflip (before train.augment became a mapping) is still read, so older configs and run
+        # folders load: true turns on augment.hflip unless augmentation is off.
+        if isinstance(data, dict) and "hflip" in data:
+            data = dict(data)
+            hflip, augment = data.pop("hflip"), data.get("augment", True)
+            if hflip is True and augment is not False:
+                data["augment"] = {**(augment if isinstance(augment, dict) else {}), "hflip": True}
+        return data
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment(cls, v: Any) -> Any:
+        if isinstance(v, (bool, AugmentConfig)):
+            return v
+        if isinstance(v, dict):  # validated here, so a bad entry is one line naming train.augment.KEY
+            try:
+                return AugmentConfig.model_validate(v)
+            except ValidationError as err:
+                raise ValueError(_augment_error(err)) from None
+        raise ValueError(f"train.augment must be true, false or a mapping of entries ({', '.join(AugmentConfig.model_fields)}), got {v!r}")
+
+    @property
+    def augmentation(self) -> AugmentConfig:
+        """train.augment with every entry resolved."""
+        return augment_settings(self.augment)
+
     @model_validator(mode="after")
     def _freeze(self) -> "TrainConfig":
         if self.freeze_epochs > self.epochs:
             raise ValueError(f"train.freeze_epochs must be <= train.epochs, got {self.freeze_epochs} > {self.epochs}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError(f"train.nesterov needs train.optimizer: sgd and train.momentum > 0, got optimizer {self.optimizer}, momentum {self.momentum}")
         return self
 
 
@@ -159,6 +261,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     node = tree
     for k in keys[:-1]:
         nxt = node.setdefault(k, {})
+        if k == "augment" and isinstance(nxt, bool):  # --set train.augment.rotation=3 on `augment: true|false`
+            nxt = node[k] = {} if nxt else AugmentConfig.off().model_dump(mode="json")
         if not isinstance(nxt, dict):
             raise ConfigInvalid(f"{dotted}: {k} is not a section ({source})")
         node = nxt
@@ -316,9 +420,12 @@ def config_reference() -> list[tuple[str, str, str, str]]:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, key + ".")
                 continue
+            nested = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
             default = f.get_default(call_default_factory=True)
-            tname = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
+            tname = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "").replace("medres.config.", "")
             rows.append((key, tname, json.dumps(default, default=str), f.description or ""))
+            for sub in nested:  # train.augment: true | false | a mapping whose entries are listed too
+                walk(sub, key + ".")
 
     walk(Config, "")
     return rows

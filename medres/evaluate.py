@@ -236,7 +236,12 @@ def evaluate(
     store_dir=None,
     num_workers: int | None = None,
     plots: bool = True,
+    top_losses: int = 0,
 ) -> dict:
+    """Metrics, audits and per-case outputs of `split` into `out`; with `top_losses` N, also the N
+    highest-loss cases with their Grad-CAMs in out/top_losses (medres/top_losses.py)."""
+    if top_losses < 0:
+        raise UsageError(f"--top-losses must be >= 0, got {top_losses}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(checkpoint)
@@ -270,6 +275,12 @@ def evaluate(
     result["warnings"] = warns
     for w in warns:
         log.warning(w)
+    if top_losses:
+        from medres.top_losses import write_top_losses
+
+        files = [manifest.absolute(int(i)) for i in np.nonzero(ok)[0]]
+        result["top_losses"] = write_top_losses(out / "top_losses", model, meta, files=files, shown=list(frame["path"].astype(str)),
+                                                y=y, p_cal=p_cal, thresholds=thresholds, n=top_losses)
     _write_outputs(result, out, checkpoint, frame, y, p_raw, p_cal, meta, thresholds, plots=plots)
     return result
 

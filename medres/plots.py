@@ -4,6 +4,8 @@ heatmap colour bar."""
 
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -115,6 +117,25 @@ def write_curves(run: Path) -> Path | None:
     return out
 
 
+def write_augment_grid(path: Path, originals: np.ndarray, augmented: np.ndarray, caption: str) -> Path:
+    """Originals (N, H, W) beside their augmented versions, in pairs, grey in [0, 1]; `caption` titles it."""
+    n = len(originals)
+    cols = 4
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.3, rows * 1.45), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, cols)
+        for k, (img, label) in enumerate(((originals[i], "original"), (augmented[i], "augmented"))):
+            ax = axes[r, 2 * c + k]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(label, fontsize=6)
+    fig.suptitle(textwrap.fill(caption, 110), fontsize=7)
+    _save(fig, path)
+    return path
+
+
 def write_colorbar(path: Path, class_name: str, scale: float, *, quantity: str, per_image: bool) -> None:
     """The report's colour bar for one class's heatmaps (inferno, as the overlays): `quantity` is what
     the map shows ("Grad-CAM", "probability-weighted score drop when occluded"); on the shared scale the
@@ -130,3 +151,21 @@ def write_colorbar(path: Path, class_name: str, scale: float, *, quantity: str, 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def write_lr_find(path: Path, result: dict) -> None:
+    """The learning-rate range test: loss and smoothed loss against the LR (log axis), the suggestion
+    marked, the rule that chose it in the title."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["lrs"], result["losses"], color="#bbb", lw=1, label="loss")
+    ax.plot(result["lrs"], result["smoothed"], color="C0", label=f"smoothed (beta {result['beta']})")
+    ax.axvline(result["suggestion"], color="C3", ls="--", label=f"suggestion {result['suggestion']:.3g}")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (train.lr)", ylabel="training loss")
+    ax.set_title(f"LR range test ({result['stage']})\nsuggestion: {result['rule']}", fontsize=9)
+    low = min(min(result["losses"]), min(result["smoothed"]))
+    top = result["smoothed"][0] * 2.5  # beyond it the divergence would squash the curve
+    if top > low * 0.9:
+        ax.set_ylim(low * 0.9, top)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -1,14 +1,15 @@
 """`fit()`: one readable training loop (nanoGPT style) for a ResNet50 with a swapped head.
 
 Linear probe for `train.freeze_epochs` (backbone frozen, its BatchNorm statistics too), then the
-whole network with a discriminative LR (backbone at lr × backbone_lr_mult); AdamW; linear warm-up
-then cosine; bf16 autocast + channels_last; gradient clipping; class-weighted loss or balanced
+whole network with a discriminative LR (backbone at lr × backbone_lr_mult); AdamW or SGD; a per-step
+schedule (warm-up then cosine, one-cycle or step); an optional EMA of the weights; bf16 autocast + channels_last; gradient clipping; class-weighted loss or balanced
 sampling; validation each epoch; atomic best/last checkpoints; exact resume; DDP under torchrun.
 Images come from the on-disk store (`data/store.py`), so memory does not grow with the data set.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -63,10 +64,66 @@ def preprocess_spec(cfg: Config) -> PreprocessSpec:
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """The cosine schedule: linear warm-up, then cosine from 1 to 0."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _onecycle_factor(step: int, total: int, warmup: int) -> float:
+    """One-cycle (Smith 2018; torch's OneCycleLR with cosine annealing, LR only): cosine from 1/25 up to 1
+    over the warm-up (30% of the steps without one), then cosine down to 1/25e4."""
+    up = warmup if warmup > 0 else max(1, int(0.3 * total))
+    start, end = 1 / 25, 1 / 25e4
+    if step < up:
+        return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / up))
+    progress = min(1.0, (step - up) / max(1, total - up))
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step_factor(step: int, warmup: int, every: int, gamma: float) -> float:
+    """Step decay: linear warm-up, then multiplied by gamma every `every` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return gamma ** ((step - warmup) // max(1, every))
+
+
+def lr_factor(run: "_Run") -> float:
+    """This step's LR as a fraction of each group's base LR: a pure function of the step counter, so
+    --resume continues the schedule exactly from the saved step."""
+    cfg = run.cfg.train
+    schedules = {
+        "cosine": lambda: _lr_factor(run.step, run.total_steps, run.warmup),
+        "onecycle": lambda: _onecycle_factor(run.step, run.total_steps, run.warmup),
+        "step": lambda: _step_factor(run.step, run.warmup, round(cfg.step_epochs * run.steps_per_epoch), cfg.step_gamma),
+    }
+    return schedules[cfg.schedule]()
+
+
+def _optimizer(cfg: Config, model: torch.nn.Module, backbone_mult: float) -> torch.optim.Optimizer:
+    """train.optimizer over two groups (backbone at lr × backbone_mult, head at lr); `base_lr` is what
+    the schedule scales."""
+    t = cfg.train
+    groups = [
+        {"params": model.backbone_parameters(), "lr": t.lr * backbone_mult, "base_lr": t.lr * backbone_mult},
+        {"params": model.head_parameters(), "lr": t.lr, "base_lr": t.lr},
+    ]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · model, for every floating parameter and buffer (BatchNorm
+    statistics included, as timm's ModelEmaV2); integer buffers (BatchNorm's step count) are copied."""
+    live = model.state_dict()
+    for name, e in ema.state_dict().items():
+        if e.is_floating_point():
+            e.mul_(decay).add_(live[name].detach(), alpha=1 - decay)
+        else:
+            e.copy_(live[name])
 
 
 def _loss_fn(cfg: Config, y_train: np.ndarray, device: torch.device):
@@ -99,7 +156,7 @@ def _loss_fn(cfg: Config, y_train: np.ndarray, device: torch.device):
     return loss_ml
 
 
-def _epoch_order(n_train: int, y_train: np.ndarray, cfg: Config, epoch: int, rank: int, world: int) -> np.ndarray:
+def epoch_order(n_train: int, y_train: np.ndarray, cfg: Config, epoch: int, rank: int, world: int) -> np.ndarray:
     """Indices for one epoch, a pure function of (seed, epoch): resume replays it exactly."""
     rng = np.random.default_rng([cfg.train.seed, epoch])
     if cfg.train.balance == "sampler":
@@ -116,7 +173,7 @@ def _epoch_order(n_train: int, y_train: np.ndarray, cfg: Config, epoch: int, ran
     return order
 
 
-def _set_stage(run: "_Run", *, trainable: bool) -> None:
+def set_stage(run: "_Run", *, trainable: bool) -> None:
     """Linear probe (backbone frozen) or full fine-tune. Under DDP the wrapper is rebuilt when the stage
     changes: DDP registers the parameters that require grad when it is constructed, and toggling
     requires_grad under an existing wrapper leaves its reducer waiting for gradients that never come."""
@@ -142,7 +199,7 @@ def _check_ranks_agree(run: "_Run") -> None:
     log.info("all %d ranks hold identical weights", run.world)
 
 
-def _backbone_bn_eval(model: torch.nn.Module) -> None:
+def backbone_bn_eval(model: torch.nn.Module) -> None:
     for name, m in unwrap_model(model).named_modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
@@ -203,6 +260,8 @@ class _Run:
     unlabeled: ImageStore | None = None  # train.unlabeled: films without labels (semi-supervised)
     unlabeled_rows: np.ndarray | None = None
     pseudo_rates: list = None  # per step this epoch: share of unlabelled entries above the threshold
+    ema: torch.nn.Module | None = None  # train.ema: the averaged weights (a copy of the model)
+    best_weights: str = "live"  # which weights the best checkpoint holds: live or ema
     step: int = 0
     best: float = -math.inf
     stale: int = 0
@@ -273,7 +332,7 @@ def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, 
     bar = Progress(enabled=show_progress and rank == 0)
     with bar.task("decode", total=None) as tick:
         manifest, splits, store = prepare_data(cfg, out, progress=tick, manifest=manifest)
-    run = _setup_run(cfg, out, device, manifest, splits, store, source, rank, world, distributed)
+    run = setup_run(cfg, out, device, manifest, splits, store, source, rank, world, distributed)
     if cfg.train.unlabeled is not None:
         run.unlabeled, run.unlabeled_rows = _unlabeled_store(cfg, manifest)
         if rank == 0:  # what the model learnt from, beside the labelled rows (the model card reads it)
@@ -282,6 +341,8 @@ def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, 
                                  "pseudo_threshold": cfg.train.pseudo_threshold}
             atomic_write(out / "selection.json", json.dumps(info, indent=2))
     start_epoch = _restore(run) if resume else 0
+    if rank == 0:
+        write_augment_preview(run)
 
     history = []
     with bar.task("train", total=(cfg.train.epochs - start_epoch) * run.steps_per_epoch) as tick:
@@ -303,7 +364,9 @@ def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, 
                 log.info("early stopping after epoch %d", epoch + 1)
                 break
 
-    summary = {"run": str(out), "epochs": history, "best_score": run.best}
+    summary = {"run": str(out), "epochs": history, "best_score": run.best, "best_weights": run.best_weights}
+    if rank == 0 and run.ema is not None:
+        log.info("best checkpoint: %s weights (score %.4f)", run.best_weights, run.best)
     if rank == 0 and cfg.train.calibrate and len(run.val_rows):
         summary["calibration"] = calibrate_run(out, run)
     if rank == 0:
@@ -320,7 +383,7 @@ def _epochs_and_calibration(cfg: Config, out: Path, manifest: Manifest, source, 
     return summary
 
 
-def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.ndarray, store: ImageStore, source, rank: int, world: int, distributed: bool) -> _Run:
+def setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.ndarray, store: ImageStore, source, rank: int, world: int, distributed: bool) -> _Run:
     """Rows, model (+ donor weights and their normalisation), optimiser and schedule."""
     ok = store.ok_mask()
     train_rows = np.nonzero((splits == "train") & ok)[0]
@@ -341,20 +404,14 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
         mean, std = norm_for_channels(IMAGENET_MEAN, IMAGENET_STD, cfg.model.in_channels)
     model = model.to(device).to(memory_format=torch.channels_last) if cfg.train.channels_last else model.to(device)
     dtype = resolve_precision(cfg.train.precision, device)
-    train_model = model  # wrapped in DDP per stage by _set_stage under torchrun
+    train_model = model  # wrapped in DDP per stage by set_stage under torchrun
 
     freeze_epochs, backbone_mult = cfg.train.freeze_epochs, cfg.train.backbone_lr_mult
     if source is None and (freeze_epochs or backbone_mult < 1):
         # Random weights: a linear probe on random features and a damped backbone LR only slow training down.
         log.warning("model.weights=none: training the whole network from scratch (freeze_epochs 0, backbone_lr_mult 1)")
         freeze_epochs, backbone_mult = 0, 1.0
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": model.backbone_parameters(), "lr": cfg.train.lr * backbone_mult, "base_lr": cfg.train.lr * backbone_mult},
-            {"params": model.head_parameters(), "lr": cfg.train.lr, "base_lr": cfg.train.lr},
-        ],
-        weight_decay=cfg.train.weight_decay,
-    )
+    optimizer = _optimizer(cfg, model, backbone_mult)
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -369,8 +426,15 @@ def _setup_run(cfg: Config, out: Path, device, manifest: Manifest, splits: np.nd
         model=train_model, meta=meta, optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
         loss_fn=_loss_fn(cfg, y[train_rows], device), freeze_epochs=freeze_epochs, steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * cfg.train.epochs, warmup=int(cfg.train.warmup_epochs * steps_per_epoch), rank=rank, world=world,
-        distributed=distributed,
+        distributed=distributed, ema=_ema_copy(model) if cfg.train.ema is not None else None,
     )
+
+
+def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
 
 
 def _unlabeled_store(cfg: Config, manifest: Manifest) -> tuple[ImageStore, np.ndarray]:
@@ -409,10 +473,24 @@ def _unlabeled_views(run: _Run, epoch: int, s: int, gen: torch.Generator) -> tup
     cfg = run.cfg
     pick = np.random.default_rng([cfg.train.seed, epoch, s]).choice(run.unlabeled_rows, cfg.train.batch_size * cfg.train.unlabeled_ratio)
     x = torch.from_numpy(run.unlabeled.read(np.sort(pick)))
-    weak = augment(x, gen, AugmentSpec(hflip=cfg.train.hflip))
+    settings = cfg.train.augmentation  # the weak view: the run's own augmentation (today's default when it is off)
+    weak = augment(x, gen, AugmentSpec.from_config(settings) if settings.enabled else AugmentSpec())
     strong = (augment(x, gen, STRONG) + 0.02 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
     views = [normalise(v.to(run.device), run.meta.mean, run.meta.std, cfg.model.in_channels) for v in (weak, strong)]
     return tuple(v.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else v for v in views)
+
+
+def write_augment_preview(run: _Run, n: int = 16) -> Path:
+    """augment.png: `n` training images beside their augmented versions under train.augment, so the
+    recipe can be checked by eye. Its own generator: the training run's random streams are untouched."""
+    from medres.plots import write_augment_grid
+
+    settings = run.cfg.train.augmentation
+    rows = np.sort(np.random.default_rng([run.cfg.train.seed, 16]).permutation(run.train_rows)[:n])
+    x = torch.from_numpy(run.store.read(rows)).float()
+    gen = torch.Generator().manual_seed(run.cfg.train.seed)
+    y = augment(x, gen, AugmentSpec.from_config(settings)) if settings.enabled else x
+    return write_augment_grid(run.out / "augment.png", x.numpy(), y.numpy(), settings.describe())
 
 
 def _restore(run: _Run) -> int:
@@ -424,6 +502,11 @@ def _restore(run: _Run) -> int:
     tensors, _ = read_weight_file(run.out / LAST)
     load_backbone_weights(run.base, SourceWeights(tensors, "medres", tuple(run.meta.mean), tuple(run.meta.std), LAST), include_head=True)
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        if "ema" not in state:
+            raise TrainingError(f"--resume: {state_path} has no EMA weights (the run was started without train.ema)")
+        run.ema.load_state_dict(state["ema"])
+    run.best_weights = state.get("best_weights", "live")
     run.step, run.best, run.stale = int(state["step"]), float(state["best"]), int(state["stale"])
     log.info("resumed at epoch %d", int(state["epoch"]) + 1)
     return int(state["epoch"]) + 1
@@ -435,22 +518,14 @@ def _train_epoch(run: _Run, epoch: int, tick) -> dict:
     torch.manual_seed(cfg.train.seed * 1000 + epoch)  # dropout etc.: a function of (seed, epoch)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
     frozen = epoch < run.freeze_epochs
-    _set_stage(run, trainable=not frozen)
+    set_stage(run, trainable=not frozen)
     run.model.train()
     if frozen:
-        _backbone_bn_eval(run.model)
-    order = _epoch_order(len(run.train_rows), run.targets[run.train_rows], cfg, epoch, run.rank, run.world)
-    batches = [run.train_rows[order[s * cfg.train.batch_size : (s + 1) * cfg.train.batch_size]] for s in range(run.steps_per_epoch)]
-    workers = cfg.train.loader_workers if cfg.train.loader_workers is not None else (4 if run.device.type == "cuda" else 0)
-    loader = epoch_loader(run.store, [b for b in batches if len(b)], run.targets, workers=workers, pin_memory=run.device.type == "cuda", seed=cfg.train.seed * 1000 + epoch)
-    aug = AugmentSpec(hflip=cfg.train.hflip)
+        backbone_bn_eval(run.model)
+    loader = epoch_batches(run, epoch, run.steps_per_epoch)
     t0, seen, losses = time.perf_counter(), 0, []
     for s, (xb, yb) in enumerate(loader):
-        if cfg.train.augment:
-            xb = augment(xb, gen, aug)
-        xb = normalise(xb.to(run.device, non_blocking=True), run.meta.mean, run.meta.std, cfg.model.in_channels)
-        if cfg.train.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = training_input(run, xb, gen)
         unlabeled = _unlabeled_views(run, epoch, s, gen) if run.unlabeled is not None else None
         losses.append(_train_step(run, xb, yb.to(run.device, non_blocking=True), epoch, s, unlabeled=unlabeled))
         seen += len(yb)
@@ -464,8 +539,37 @@ def _train_epoch(run: _Run, epoch: int, tick) -> dict:
     return record
 
 
+def epoch_batches(run: _Run, epoch: int, steps: int):
+    """The DataLoader of this rank's first `steps` training batches of `epoch` (fixed by seed and epoch)."""
+    cfg = run.cfg
+    order = epoch_order(len(run.train_rows), run.targets[run.train_rows], cfg, epoch, run.rank, run.world)
+    batches = [run.train_rows[order[s * cfg.train.batch_size : (s + 1) * cfg.train.batch_size]] for s in range(steps)]
+    workers = cfg.train.loader_workers if cfg.train.loader_workers is not None else (4 if run.device.type == "cuda" else 0)
+    return epoch_loader(run.store, [b for b in batches if len(b)], run.targets, workers=workers, pin_memory=run.device.type == "cuda", seed=cfg.train.seed * 1000 + epoch)
+
+
+def training_input(run: _Run, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A loaded batch as the network sees it in training: train.augment, normalisation, memory format."""
+    cfg = run.cfg
+    if cfg.train.augmentation.enabled:
+        xb = augment(xb, gen, AugmentSpec.from_config(cfg.train.augmentation))
+    xb = normalise(xb.to(run.device, non_blocking=True), run.meta.mean, run.meta.std, cfg.model.in_channels)
+    return xb.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else xb
+
+
+def optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+    """Backward pass, gradient clipping (train.grad_clip) and one optimiser step, through the grad scaler."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.train.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.train.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
 def _train_step(run: _Run, xb: torch.Tensor, yb: torch.Tensor, epoch: int, s: int, *, unlabeled=None) -> float:
-    factor = _lr_factor(run.step, run.total_steps, run.warmup)
+    factor = lr_factor(run)
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     with autocast(run.device, run.dtype):
@@ -482,39 +586,61 @@ def _train_step(run: _Run, xb: torch.Tensor, yb: torch.Tensor, epoch: int, s: in
         run.pseudo_rates = (run.pseudo_rates or []) + [float(mask.mean())]
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {s + 1}; the last good checkpoint in {run.out} is kept")
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    if run.cfg.train.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.train.grad_clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    optimizer_step(run, loss)
+    if run.ema is not None:
+        update_ema(run.ema, run.base, run.cfg.train.ema)
     run.step += 1
     return float(loss.detach())
 
 
+def _validate(run: _Run, model: torch.nn.Module) -> dict:
+    """Validation loss and macro AUROC of `model` (empty without validation rows)."""
+    if not len(run.val_rows):
+        return {}
+    cfg = run.cfg
+    predictor = Predictor(model.eval(), run.meta, run.device, run.dtype, cfg.train.channels_last)
+    logits_val = predictor.logits_of(stream(run.store, run.val_rows, cfg.train.batch_size * 2))
+    y_val = run.targets[run.val_rows]
+    loss = float(run.loss_fn(torch.from_numpy(logits_val).to(run.device), torch.from_numpy(y_val).to(run.device)))
+    return {"val_loss": loss, "val_macro_auroc": macro_auroc(y_val, to_probs(logits_val, cfg.data.task))}
+
+
+def _score(metrics: dict, train_loss: float) -> float:
+    """Best = highest validation AUROC; without one, lowest validation (else training) loss."""
+    score = metrics.get("val_macro_auroc", float("nan"))
+    return -metrics.get("val_loss", train_loss) if math.isnan(score) else score
+
+
 def _validate_and_checkpoint(run: _Run, epoch: int, record: dict) -> dict:
-    """Rank 0: validation metrics, last/best checkpoints, resume state and metrics.jsonl."""
+    """Rank 0: validation metrics (live and EMA weights), last/best checkpoints, resume state and metrics.jsonl."""
     cfg, out = run.cfg, run.out
-    if len(run.val_rows):
-        predictor = Predictor(run.base.eval(), run.meta, run.device, run.dtype, cfg.train.channels_last)
-        logits_val = predictor.logits_of(stream(run.store, run.val_rows, cfg.train.batch_size * 2))
-        y_val = run.targets[run.val_rows]
-        record["val_loss"] = float(run.loss_fn(torch.from_numpy(logits_val).to(run.device), torch.from_numpy(y_val).to(run.device)))
-        record["val_macro_auroc"] = macro_auroc(y_val, to_probs(logits_val, cfg.data.task))
-    # Best = highest validation AUROC; without one, lowest validation (else training) loss. -inf start:
-    # any finite first score is an improvement, so model.safetensors always exists after epoch 1.
-    score = record.get("val_macro_auroc", float("nan"))
-    score = -record.get("val_loss", record["train_loss"]) if math.isnan(score) else score
+    record.update(_validate(run, run.base))
+    candidates = {"live": (_score(record, record["train_loss"]), run.base)}
+    if run.ema is not None:
+        ema = _validate(run, run.ema)
+        record.update({f"ema_{k}": v for k, v in ema.items()})
+        candidates["ema"] = (_score(ema, record["train_loss"]), run.ema)
+    # The better of live and EMA this epoch (live on a tie); -inf start: any finite first score is an
+    # improvement, so model.safetensors always exists after epoch 1.
+    which = max(candidates, key=lambda k: (candidates[k][0], k == "live"))
+    score, weights = candidates[which]
+    if run.ema is not None:
+        record["better_weights"] = which
     run.meta.epoch, run.meta.val_auroc = epoch + 1, record.get("val_macro_auroc")
-    save_checkpoint(out / LAST, run.base, run.meta)
+    save_checkpoint(out / LAST, run.base, run.meta)  # the live weights: what --resume continues from
     if score > run.best or not (out / BEST).exists():
-        run.best, run.stale = score, 0
-        save_checkpoint(out / BEST, run.base, run.meta)
+        run.best, run.stale, run.best_weights = score, 0, which
+        run.meta.val_auroc = record.get("ema_val_macro_auroc" if which == "ema" else "val_macro_auroc")
+        save_checkpoint(out / BEST, weights, run.meta)
+        if run.ema is not None:
+            log.info("epoch %d: best so far, from the %s weights (live %.4f, EMA %.4f)", epoch + 1, which, candidates["live"][0], candidates["ema"][0])
     else:
         run.stale += 1
+    state = {"optimizer": run.optimizer.state_dict(), "epoch": epoch, "best": run.best, "step": run.step, "stale": run.stale, "best_weights": run.best_weights}
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
     with atomic_path(out / STATE) as tmp:
-        torch.save({"optimizer": run.optimizer.state_dict(), "epoch": epoch, "best": run.best, "step": run.step, "stale": run.stale}, tmp)
+        torch.save(state, tmp)
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
     from medres.plots import write_curves

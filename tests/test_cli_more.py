@@ -72,12 +72,12 @@ def test_balanced_sampler_draws_classes_equally():
     """train.balance=sampler: over an epoch of a 90/10 data set the sampled classes are ~50/50;
     without it they follow the data."""
     from medres.config import config_from_dict
-    from medres.train import _epoch_order
+    from medres.train import epoch_order
 
     y = np.eye(2)[np.array([0] * 1800 + [1] * 200)]
     for balance, minority in (("sampler", 0.5), ("none", 0.1)):
         cfg = config_from_dict({"data": {"classes": ["a", "b"]}, "train": {"balance": balance}})
-        order = _epoch_order(len(y), y, cfg, epoch=0, rank=0, world=1)
+        order = epoch_order(len(y), y, cfg, epoch=0, rank=0, world=1)
         assert len(order) == len(y)
         assert y[order, 1].mean() == pytest.approx(minority, abs=0.03)
 

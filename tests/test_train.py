@@ -52,23 +52,28 @@ def test_loss_falls_and_auroc_beats_chance(easy, tmp_path):
     assert max(x["val_macro_auroc"] for x in e) > 0.75
 
 
-def test_resume_equals_uninterrupted(easy, tmp_path, monkeypatch):
-    args = ("train.epochs=3", "train.deterministic=true", "train.max_steps_per_epoch=3")
-    full = fit(cfg_for(easy, *args), tmp_path / "full", show_progress=False)
+def _killed_at_epoch_3_then_resumed(cfg, out, monkeypatch) -> dict:
+    """fit() killed as the third epoch starts, then resumed in the same folder: the resumed summary."""
     import medres.train as T
 
-    real = T._epoch_order
+    real = T.epoch_order
 
     def crash(n, y, cfg, epoch, rank, world):
         if epoch == 2:
             raise KeyboardInterrupt("simulated kill")
         return real(n, y, cfg, epoch, rank, world)
 
-    monkeypatch.setattr(T, "_epoch_order", crash)
+    monkeypatch.setattr(T, "epoch_order", crash)
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg_for(easy, *args), tmp_path / "part", show_progress=False)
-    monkeypatch.setattr(T, "_epoch_order", real)
-    resumed = fit(cfg_for(easy, *args), tmp_path / "part", resume=True, show_progress=False)
+        fit(cfg, out, show_progress=False)
+    monkeypatch.setattr(T, "epoch_order", real)
+    return fit(cfg, out, resume=True, show_progress=False)
+
+
+def test_resume_equals_uninterrupted(easy, tmp_path, monkeypatch):
+    args = ("train.epochs=3", "train.deterministic=true", "train.max_steps_per_epoch=3")
+    full = fit(cfg_for(easy, *args), tmp_path / "full", show_progress=False)
+    resumed = _killed_at_epoch_3_then_resumed(cfg_for(easy, *args), tmp_path / "part", monkeypatch)
     assert resumed["epochs"][-1]["train_loss"] == pytest.approx(full["epochs"][-1]["train_loss"], rel=1e-5)
     a, _ = load_checkpoint(tmp_path / "full" / "last.safetensors")
     b, _ = load_checkpoint(tmp_path / "part" / "last.safetensors")
@@ -134,3 +139,90 @@ def test_each_run_log_holds_only_its_own_run(easy, tmp_path):
     fit(cfg_for(easy, *args), tmp_path / "b", show_progress=False)
     assert (tmp_path / "a" / "train.log").stat().st_size == size
     assert "epoch" in (tmp_path / "b" / "train.log").read_text()
+
+
+RECIPE = ("train.optimizer=sgd", "train.momentum=0.9", "train.nesterov=true", "train.schedule=onecycle", "train.ema=0.9", "train.lr=0.01")
+
+
+def test_ema_equals_a_hand_computed_average(easy, tmp_path, monkeypatch):
+    """Each step: ema ← d·ema + (1 − d)·weights, from the initial weights; checked against the live
+    weights seen after every step."""
+    import medres.train as T
+
+    seen, real = [], T.update_ema
+
+    def spy(ema, model, decay):
+        if not seen:
+            seen.append({k: v.detach().clone() for k, v in ema.state_dict().items()})
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        real(ema, model, decay)
+
+    monkeypatch.setattr(T, "update_ema", spy)
+    fit(cfg_for(easy, *RECIPE, "train.epochs=1", "train.max_steps_per_epoch=3", "train.deterministic=true"), tmp_path, show_progress=False)
+    assert len(seen) == 4  # the initial weights + 3 steps
+    want = dict(seen[0])
+    for w in seen[1:]:
+        want = {k: (0.9 * e + 0.1 * w[k]) if e.is_floating_point() else w[k] for k, e in want.items()}
+    got = torch.load(tmp_path / "state.pt", weights_only=True)["ema"]
+    assert set(got) == set(want)
+    moved = 0
+    for k, e in want.items():
+        assert torch.allclose(got[k].float(), e.float(), rtol=1e-5, atol=1e-6), k
+        moved += bool(e.is_floating_point() and not torch.equal(e, seen[0][k]))
+    assert moved > 0
+
+
+def test_better_of_live_and_ema_becomes_best_and_is_named(easy, tmp_path, monkeypatch):
+    import medres.train as T
+
+    monkeypatch.setattr(T, "_validate", lambda run, model: {"val_loss": 1.0, "val_macro_auroc": 0.9 if model is run.ema else 0.6})
+    s = fit(cfg_for(easy, *RECIPE, "train.epochs=1", "train.max_steps_per_epoch=2"), tmp_path, show_progress=False)
+    assert s["best_weights"] == "ema" and s["epochs"][0]["better_weights"] == "ema" and s["epochs"][0]["ema_val_macro_auroc"] == 0.9
+    best, meta = load_checkpoint(tmp_path / "model.safetensors")
+    ema = torch.load(tmp_path / "state.pt", weights_only=True)["ema"]
+    for k, v in best.state_dict().items():
+        assert torch.equal(v.float(), ema[k].float()), k
+    assert meta.val_auroc == 0.9
+    assert "from the ema weights" in (tmp_path / "train.log").read_text()
+
+
+def test_resume_with_ema_onecycle_sgd_equals_uninterrupted(easy, tmp_path, monkeypatch):
+    args = (*RECIPE, "train.epochs=3", "train.deterministic=true", "train.max_steps_per_epoch=2")
+    full = fit(cfg_for(easy, *args), tmp_path / "full", show_progress=False)
+    resumed = _killed_at_epoch_3_then_resumed(cfg_for(easy, *args), tmp_path / "part", monkeypatch)
+    assert resumed["epochs"][-1]["train_loss"] == pytest.approx(full["epochs"][-1]["train_loss"], rel=1e-5)
+    assert resumed["epochs"][-1]["ema_val_loss"] == pytest.approx(full["epochs"][-1]["ema_val_loss"], rel=1e-5)
+    assert resumed["best_weights"] == full["best_weights"]
+    for name in ("last.safetensors", "model.safetensors"):
+        a, _ = load_checkpoint(tmp_path / "full" / name)
+        b, _ = load_checkpoint(tmp_path / "part" / name)
+        for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-6), (name, n)
+    sa, sb = (torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("full", "part"))
+    for n, x in sa["ema"].items():
+        assert torch.allclose(x.float(), sb["ema"][n].float(), atol=1e-6), n
+    mom = lambda s: [v["momentum_buffer"] for v in s["optimizer"]["state"].values()]  # noqa: E731
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(mom(sa), mom(sb)))
+
+
+def test_schedules():
+    from medres.train import _onecycle_factor, _step_factor
+
+    total, warmup = 100, 20
+    f = [_onecycle_factor(s, total, warmup) for s in range(total + 1)]
+    assert f[0] == pytest.approx(1 / 25) and f[warmup] == pytest.approx(1.0) and max(f) == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(1 / 25e4) and all(a <= b for a, b in zip(f[:warmup], f[1 : warmup + 1]))
+    assert _onecycle_factor(30, 100, 0) == pytest.approx(1.0)  # no warm-up: 30% of the steps going up
+    s = [_step_factor(i, 0, 10, 0.5) for i in range(30)]
+    assert s[:10] == [1.0] * 10 and s[10:20] == [0.5] * 10 and s[20] == 0.25
+
+
+def test_recipe_config_errors():
+    from medres.errors import ConfigInvalid
+
+    with pytest.raises(ConfigInvalid, match="train.nesterov needs train.optimizer: sgd"):
+        load_config(None, ["train.nesterov=true"])
+    with pytest.raises(ConfigInvalid, match="train.ema"):
+        load_config(None, ["train.ema=1.5"])
+    with pytest.raises(ConfigInvalid, match="train.schedule"):
+        load_config(None, ["train.schedule=linear"])

@@ -106,17 +106,17 @@ def test_resume_inside_and_after_the_frozen_stage_equals_uninterrupted(data, don
     import medres.train as T
 
     args = RESUME_ARGS
-    real = T._epoch_order
+    real = T.epoch_order
 
     def crash(n, y, c, epoch, rank, world):
         if epoch == crash_epoch:
             raise KeyboardInterrupt("simulated kill")
         return real(n, y, c, epoch, rank, world)
 
-    monkeypatch.setattr(T, "_epoch_order", crash)
+    monkeypatch.setattr(T, "epoch_order", crash)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg(data, donor, *args), tmp_path / "part", show_progress=False)
-    monkeypatch.setattr(T, "_epoch_order", real)
+    monkeypatch.setattr(T, "epoch_order", real)
     fit(cfg(data, donor, *args), tmp_path / "part", resume=True, show_progress=False)
     a = uninterrupted
     b, _ = read_weight_file(tmp_path / "part" / "last.safetensors")
