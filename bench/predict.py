@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from _common import SHARED, machine, need, save, table
+from _common import SHARED, limit_lines, machine, need, save, table
 
 
 def naive(model, meta, paths: list[Path]) -> float:
@@ -107,6 +107,12 @@ def main() -> None:
         rows.append((name, r["files"], f"{r['naive']:.1f}", f"{r['model_only']:.1f}", f"{r['medres_predict']:.1f}", f"{r['medres_predict'] / r['naive']:.2f}", f"{r['medres_predict'] / r['model_only']:.2f}"))
     print(f"\n{meta.preprocess['image_size']}px; {machine()}\n")
     print(table(rows, ("set", "files", "(a) naive img/s", "(b) model-only img/s", "(c) medres predict img/s", "c/a", "c/b")))
+    from medres.inference import cpu_supports_bf16
+
+    auto = "bf16" if cpu_supports_bf16() else "fp32"
+    r = results["cxr"]
+    print("\n" + limit_lines(meta.preprocess["image_size"], {"(a) naive (fp32)": r["naive"], f"(b) model-only ({auto})": r["model_only"],
+                                                             f"(c) medres predict ({auto})": r["medres_predict"]}))
     a = results["auroc"]
     print(f"\nmacro AUROC on ../shared/data/cxr: auto(bf16) {a['bf16/auto']:.4f} vs fp32 {a['fp32']:.4f} (|Δ| {a['difference']:.4f}); max |Δprob| {a['max_abs_prob_diff']:.4f}")
     save("predict", {**results, "machine": machine()})
