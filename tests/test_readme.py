@@ -133,3 +133,23 @@ def test_demo_config_is_package_data_and_linked_from_configs():
     assert packaged.is_file() and default_demo_config() == Path(str(packaged))
     assert (ROOT / "configs" / "demo.yaml").resolve() == Path(str(packaged)).resolve()
     assert load_config(default_demo_config()).name == "demo"
+
+
+def test_shift_example_has_the_form_predict_prints():
+    """The README's example summary is the form shift.summary_line and shift.warning print (P, N, A,
+    LOW, HIGH, CLASSES stand for the values; '…' for text left out)."""
+    from medres.shift import summary_line, warning
+
+    result = {"tested": True, "detected": True, "p_min": 3.1e-07, "files": 171, "alpha": 0.01, "moved_classes": ["covid"],
+              "estimated_performance": {"accuracy": {"estimate": 0.61, "ci": [0.54, 0.68]}}}
+    block = README[README.index("shift: SHIFT DETECTED"):]
+    shown = block[: block.index("```")].strip().splitlines()
+
+    def pattern(line: str) -> str:
+        out = re.escape(line)
+        for word, rx in (("LOW", r"[\d.]+"), ("HIGH", r"[\d.]+"), ("CLASSES", r"[^)]+"), ("P", r"[\d.e+-]+"), ("N", r"\d+"), ("A", r"[\d.]+")):
+            out = re.sub(rf"\b{word}\b", lambda _: rx, out)
+        return out.replace("…", ".*")
+
+    assert re.fullmatch(pattern(shown[0]), summary_line(result)), (shown[0], summary_line(result))
+    assert re.fullmatch(pattern(shown[1]), "warning: " + warning(result)), (shown[1], warning(result))
