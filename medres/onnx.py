@@ -62,6 +62,13 @@ def require_onnxruntime(what: str) -> None:
         raise UsageError(f"{what} needs ONNX Runtime: pip install 'medres[onnx]'")
 
 
+def require_openvino(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("onnx") is None:
+        raise UsageError(f"{what} needs OpenVINO: pip install 'medres[openvino]'")
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over the model's tensors (names, shapes, bytes): the same weights give the same digest
     whatever `medres calibrate` later changes in the checkpoint's metadata."""
@@ -158,7 +165,44 @@ def max_prob_diff(model: ResNet50, meta: ModelMeta, onnx_path: str | Path, x: np
 
 
 # --- scoring ----------------------------------------------------------------------------------------
-class OnnxPredictor:
+class _GraphPredictor:
+    """What the ONNX Runtime and OpenVINO predictors share: medres's normalisation before the graph,
+    calibrated probabilities after it, and the three outputs (logits, features, maps) by name."""
+
+    meta: ModelMeta
+    outputs: list[str]
+
+    def _run(self, pixels: torch.Tensor, names: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _input(self, pixels: torch.Tensor) -> np.ndarray:
+        return normalise(pixels.float(), self.meta.mean, self.meta.std, self.meta.in_channels).contiguous().numpy()
+
+    def logits(self, pixels: torch.Tensor) -> np.ndarray:
+        return self._run(pixels, self.outputs[:1])[0]
+
+    def logits_and_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        if "features" not in self.outputs:
+            return self.logits(pixels), None
+        logits, features = self._run(pixels, [self.outputs[0], "features"])
+        return logits, features
+
+    def maps(self, pixels: torch.Tensor) -> np.ndarray:
+        """layer4 feature maps (B, 2048, h, w) for Grad-CAM (`cam.cam_from_features`)."""
+        if "maps" not in self.outputs:
+            raise UsageError("this ONNX file has no layer4 maps output (exported by an older medres): export it again for report --precision int8")
+        return self._run(pixels, ["maps"])[0]
+
+    def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        return output_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)
+
+
+def _ood_threshold(props: dict[str, str]) -> float | None:
+    # int8 files carry an OOD threshold refitted on their own features (quantize._int8_gate).
+    return json.loads(props["medres.ood"])["threshold"] if "medres.ood" in props else None
+
+
+class OnnxPredictor(_GraphPredictor):
     """The `Predictor` interface over an ONNX Runtime session: `medres export` files (fp32, or int8 from
     `--quantize int8`), with the checkpoint's own normalisation and calibration. Files exported before
     the `features` output existed score without the OOD gate (features None)."""
@@ -174,30 +218,32 @@ class OnnxPredictor:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.input = self.session.get_inputs()[0].name
         self.dtype = precision  # what speed reports print
-        props = self.session.get_modelmeta().custom_metadata_map
-        # int8 files carry an OOD threshold refitted on their own features (quantize._int8_gate).
-        self.ood_threshold = json.loads(props["medres.ood"])["threshold"] if "medres.ood" in props else None
+        self.ood_threshold = _ood_threshold(self.session.get_modelmeta().custom_metadata_map)
 
     def _run(self, pixels: torch.Tensor, names: list[str]) -> list[np.ndarray]:
-        x = normalise(pixels.float(), self.meta.mean, self.meta.std, self.meta.in_channels).contiguous().numpy()
-        return self.session.run(names, {self.input: x})
+        return self.session.run(names, {self.input: self._input(pixels)})
 
-    def logits(self, pixels: torch.Tensor) -> np.ndarray:
-        return self._run(pixels, self.outputs[:1])[0]
 
-    def logits_and_features(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        if "features" not in self.outputs:
-            return self.logits(pixels), None
-        logits, features = self._run(pixels, [self.outputs[0], "features"])
-        return logits, features
+class OpenVinoPredictor(_GraphPredictor):
+    """The same interface over OpenVINO's CPU plugin (`--backend openvino`), which compiles the graph for
+    the instruction sets it finds (AVX2, AVX-512, VNNI, AMX) itself. `inference` is the precision of the
+    compute: "bf16" or "f32" (OpenVINO's INFERENCE_PRECISION_HINT; an int8 QDQ file runs its quantised
+    layers in int8 either way). Its CPU plugin would choose bf16 on bf16 CPUs by itself, so the hint is
+    always set: `--precision fp32` must mean fp32."""
 
-    def maps(self, pixels: torch.Tensor) -> np.ndarray:
-        """layer4 feature maps (B, 2048, h, w) for Grad-CAM (`cam.cam_from_features`)."""
-        if "maps" not in self.outputs:
-            from medres.errors import UsageError
+    def __init__(self, path, meta: ModelMeta, *, inference: str = "f32", file_precision: str = "fp32"):
+        import openvino as ov
 
-            raise UsageError("this ONNX file has no layer4 maps output (exported by an older medres): export it again for report --precision int8")
-        return self._run(pixels, ["maps"])[0]
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": inference, "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.meta = meta
+        self.device = torch.device("cpu")
+        self.outputs = [o.get_any_name() for o in self.compiled.outputs]
+        self.dtype = "int8" if file_precision == "int8" else ("bf16" if inference == "bf16" else "fp32")
+        self.ood_threshold = _ood_threshold(read_onnx_meta(path))
 
-    def probs(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        return output_probs(logits, self.meta.task, self.meta.temperature if calibrated else 1.0)
+    def _run(self, pixels: torch.Tensor, names: list[str]) -> list[np.ndarray]:
+        result = self.request.infer({0: self._input(pixels)}, share_inputs=True)
+        return [np.array(result[self.compiled.output(name)], copy=True) for name in names]

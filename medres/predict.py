@@ -1,10 +1,10 @@
 """Batch scoring: files, folders (recursive, found by content) or a manifest → one row per file.
 
 Decoding runs in a pool of threads (or processes, `--decode-pool`), ordered and prefetching, while
-the main thread runs the model in batches: torch (bf16 autocast where the CPU has it, channels_last)
-or ONNX Runtime (`--backend onnx`, `--precision int8`: quantize.py). Finished rows are appended to a journal
-(`.{out}.partial`, fsync'd every `flush_every` seconds, so each flush costs only the new rows); at the
-end it is renamed into place, so the output appears atomically. A killed run leaves the journal and
+the main thread runs the model in batches: torch (bf16 autocast where the CPU has it, channels_last),
+ONNX Runtime (`--backend onnx`, `--precision int8`: quantize.py) or OpenVINO (`--backend openvino`).
+Finished rows are appended to a journal (`.{out}.partial`, fsync'd every `flush_every` seconds, so each
+flush costs only the new rows); at the end it is renamed into place, so the output appears atomically. A killed run leaves the journal and
 `--resume` continues it. Bad files become error rows with a stable code; the batch goes on.
 Under `torchrun`, every rank scores its hash share and rank 0 joins the shares into one table.
 """

@@ -164,29 +164,59 @@ def decoded_stream(files: list[InputFile], *, spec: PreprocessSpec, cache_dir: s
 
 # --- scoring backends ------------------------------------------------------------------------------
 def scorer_for(checkpoint, model, meta, *, device: str = "auto", precision: str = "auto", backend: str = "torch", onnx_path=None):
-    """The model that scores a batch: torch (`Predictor`, fp32/bf16/fp16), or ONNX Runtime
-    (`OnnxPredictor`) for `--backend onnx` and for `--precision int8` (the quantized file beside the
-    checkpoint unless `onnx_path` names one). Both give logits and the gate's features in one pass."""
+    """The model that scores a batch: torch (`Predictor`, fp32/bf16/fp16); ONNX Runtime (`OnnxPredictor`)
+    for `--backend onnx` and for `--precision int8` (the quantized file beside the checkpoint unless
+    `onnx_path` names one); OpenVINO (`OpenVinoPredictor`) for `--backend openvino`, on `onnx_path`, the
+    int8 file, or an fp32 graph made from the checkpoint on the spot. All give logits and the gate's
+    features in one pass."""
     from medres.inference import Predictor
 
-    if precision != "int8" and backend != "onnx":
+    if backend == "torch" and precision != "int8":
         return Predictor.create(model, meta, device=device, precision=precision)
-    from medres.onnx import OnnxPredictor, check_onnx_matches, default_int8_path, require_int8_cpu, require_onnxruntime
+    from medres.onnx import check_onnx_matches, default_int8_path, require_int8_cpu
 
-    require_onnxruntime("--precision int8" if precision == "int8" else "--backend onnx")
+    what = f"--backend {backend}" if backend != "torch" else "--precision int8"
+    if device not in ("auto", "cpu"):
+        raise UsageError(f"{what} runs on the CPU; --device {device} asks for another device")
     if precision == "int8":
-        if device not in ("auto", "cpu"):
-            raise UsageError(f"--precision int8 runs on the CPU (ONNX Runtime); --device {device} asks for another device")
         require_int8_cpu()
         path = Path(onnx_path) if onnx_path else default_int8_path(checkpoint)
         if not path.exists():
             raise UsageError(f"--precision int8: {path} not found; make it with: medres export --checkpoint {checkpoint} --format onnx --quantize int8 --out {path}")
-    elif onnx_path is None:
+    elif onnx_path is not None:
+        path = Path(onnx_path)
+    elif backend == "onnx":
         raise UsageError("--backend onnx needs --onnx MODEL.onnx (from medres export)")
     else:
-        path = Path(onnx_path)
+        path = None  # OpenVINO: the graph is made from the checkpoint
+    if backend == "openvino":
+        return _openvino(model, meta, path, precision)
+    from medres.onnx import OnnxPredictor, require_onnxruntime
+
+    require_onnxruntime(what)
     props = check_onnx_matches(path, model, want_int8=precision == "int8")
     return OnnxPredictor(path, meta, precision=props.get("medres.precision", "fp32"))
+
+
+def _openvino(model, meta, path: Path | None, precision: str):
+    """OpenVinoPredictor at `precision`: auto means bf16 compute where the CPU has native bf16, as torch's
+    auto does; an int8 file keeps its int8 layers and runs the rest at that precision."""
+    import tempfile
+
+    from medres.inference import cpu_supports_bf16
+    from medres.onnx import OpenVinoPredictor, check_onnx_matches, require_openvino, write_onnx
+
+    require_openvino("--backend openvino")
+    if precision == "fp16":
+        raise UsageError("--backend openvino runs fp32, bf16 or int8 on the CPU; --precision fp16 is for CUDA")
+    inference = "bf16" if precision == "bf16" or (precision in ("auto", "int8") and cpu_supports_bf16()) else "f32"
+    if path is not None:
+        props = check_onnx_matches(path, model, want_int8=precision == "int8")
+        return OpenVinoPredictor(path, meta, inference=inference, file_precision=props.get("medres.precision", "fp32"))
+    with tempfile.TemporaryDirectory(prefix="medres-openvino-") as tmp:
+        graph = Path(tmp) / "model.onnx"
+        write_onnx(model, meta, graph)
+        return OpenVinoPredictor(graph, meta, inference=inference)
 
 
 TTA_VARIANTS = ((1.0, 0.0, 0.0, 0.0), (1.04, 0.0, 0.0, 0.0), (1.0, 3.0, 0.0, 0.0), (1.0, -3.0, 0.0, 0.0), (1.0, 0.0, 0.02, 0.02))

@@ -85,3 +85,30 @@ def pointing_model(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.manifest={manifest}", "data.classes=[normal,opacity]", "train.epochs=8", "train.calibrate=false", "train.seed=1"])
     fit(cfg, folder / "run", show_progress=False)
     return held_out_lesions(manifest, folder / "run")
+
+
+@pytest.fixture
+def mixed(tmp_path, phantoms):
+    """A folder of three readable films (PNG, JPEG in a subfolder, DICOM) and three bad files (truncated
+    DICOM, text named .dcm, RGB DICOM)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from helpers import gradient, make_dicom
+
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    src = phantoms.parent / "images"
+    pngs = sorted(src.glob("*.png"))
+    shutil.copy(pngs[0], d / "good.png")
+    Image.open(pngs[1]).convert("RGB").save(d / "sub" / "good.jpg", quality=95)
+    make_dicom(d / "good.dcm", gradient(64, 64), WindowCenter=2000, WindowWidth=4000)
+    t = make_dicom(d / "trunc.dcm", gradient(64, 64))
+    t.write_bytes(t.read_bytes()[:-100])
+    (d / "text.dcm").write_text("this is not a dicom file\n")
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 1] = 100
+    make_dicom(d / "rgb.dcm", rgb, photometric="RGB")
+    return d

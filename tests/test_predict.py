@@ -7,32 +7,12 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import gradient, make_dicom
 from medres.cli import app
 from medres.predict import discover, predict, shard
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def mixed(tmp_path, phantoms):
-    d = tmp_path / "in"
-    (d / "sub").mkdir(parents=True)
-    src = phantoms.parent / "images"
-    pngs = sorted(src.glob("*.png"))
-    shutil.copy(pngs[0], d / "good.png")
-    Image.open(pngs[1]).convert("RGB").save(d / "sub" / "good.jpg", quality=95)
-    make_dicom(d / "good.dcm", gradient(64, 64), WindowCenter=2000, WindowWidth=4000)
-    t = make_dicom(d / "trunc.dcm", gradient(64, 64))
-    t.write_bytes(t.read_bytes()[:-100])
-    (d / "text.dcm").write_text("this is not a dicom file\n")
-    rgb = np.zeros((16, 16, 3), np.uint8)
-    rgb[..., 1] = 100
-    make_dicom(d / "rgb.dcm", rgb, photometric="RGB")
-    return d
 
 
 def rows(path):
