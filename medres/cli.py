@@ -68,6 +68,10 @@ Gate = Annotated[Literal["flag", "reject", "off"], typer.Option(
     "--gate", help="OOD input gate: flag (keep every case, marked in or out of distribution), reject (out-of-distribution inputs get no probabilities or heatmap) or off.")]
 StoreDir = Annotated[Optional[Path], typer.Option(
     "--store-dir", help="Decoded-image store folder (default: the run's data.store_dir, else $MEDRES_STORE_DIR or ~/.cache/medres/store).")]
+# evaluate and calibrate read a run folder, or a checkpoint with a manifest
+RunFolder = Annotated[Optional[Path], typer.Option("--run", help="Run folder: its model.safetensors, splits.csv and manifest.")]
+RunCheckpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="model.safetensors (default: the --run folder's).")]
+RunManifest = Annotated[Optional[Path], typer.Option("--manifest", help="Manifest with labels and a split column (default: the --run folder's rows and splits).")]
 
 
 def _err(text: str) -> None:
@@ -225,9 +229,9 @@ def lr_find_cmd(
 # --- evaluate / calibrate --------------------------------------------------------------------------
 @app.command()
 def evaluate(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="model.safetensors from a run."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest with labels (and a split column, or use --run)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder: its model.safetensors, splits.csv and manifest."),
+    run: RunFolder = None,
+    checkpoint: RunCheckpoint = None,
+    manifest: RunManifest = None,
     split: str = typer.Option("test", "--split", help="Which split to evaluate ('' for all rows)."),
     by: str = typer.Option("", "--by", help="Comma-separated manifest columns for the subgroup audit, e.g. source,view,sex."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Patient-level bootstrap resamples for 95% CIs."),
@@ -277,9 +281,9 @@ def evaluate(
 
 @app.command()
 def calibrate(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="model.safetensors to update."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Manifest with a val split (or use --run)."),
+    run: RunFolder = None,
+    checkpoint: RunCheckpoint = None,
+    manifest: RunManifest = None,
     target_sensitivity: Optional[float] = typer.Option(None, "--target-sensitivity", help="Operating point at this sensitivity instead of Youden's J."),
     coverage: float = typer.Option(0.9, "--coverage", min=0.5, max=0.999, help="Target coverage of the conformal prediction sets."),
     conformal: Literal["aps", "lac"] = typer.Option("aps", "--conformal", help="Conformal score for multiclass: aps (adaptive) or lac (smallest sets)."),
