@@ -40,6 +40,12 @@ INT8_PARITY_LIMIT = 0.1
 # the OOD gate measures distances on keep their precision (quantized to 8 bits, in-distribution
 # Mahalanobis distances of a small model grew ~50×; averaging dequantized maps in fp32 does not).
 HEAD_OPS = ("GlobalAveragePool", "Flatten", "Gemm")
+# When parity fails, the layers whose activations quantize worst (lowest signal-to-quantization-noise
+# ratio of the QDQ pair, ONNX Runtime's qdq_loss_debug) are kept in fp32 and the model is quantized
+# again: EXCLUDE_PER_ROUND more each round, at most EXCLUDE_ROUNDS rounds; then the error names them.
+EXCLUDE_PER_ROUND = 4
+EXCLUDE_ROUNDS = 2
+SCAN_IMAGES = 8
 
 
 # --- calibration images ----------------------------------------------------------------------------
@@ -115,22 +121,90 @@ def export_int8(checkpoint: str | Path, out: str | Path, *, calibration: str | P
         fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
         write_onnx(model, meta, fp32)
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        head = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in HEAD_OPS]
+        graph = onnx.load(str(pre)).graph
+        head = [n.name for n in graph.node if n.op_type in HEAD_OPS]
+        excluded: list[str] = []  # ONNX node names kept in fp32 after a failed parity check
+        kept: dict[str, float] = {}  # their layers (torch module paths) and SQNR in dB
         with atomic_path(out) as dst:
-            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=True, reduce_range=True, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
+            for round_ in range(EXCLUDE_ROUNDS + 1):
+                quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                per_channel=True, reduce_range=True, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head + excluded)
+                # Parity on the calibration images: int8 vs the torch fp32 model (onnx.max_prob_diff, as export's).
+                parity, mean_diff = max_prob_diff(model, meta, dst, x, with_mean=True)
+                if parity <= INT8_PARITY_LIMIT:
+                    break
+                fragile = [f for f in fragile_layers(pre, dst, x[:SCAN_IMAGES], Path(tmp)) if f["layer"] not in kept]
+                if round_ == EXCLUDE_ROUNDS or not fragile:
+                    shown = ", ".join(f"{f['layer']} {f['sqnr_db']:.1f} dB" for f in fragile[:EXCLUDE_PER_ROUND])
+                    also = f" with {len(kept)} layers kept in fp32 ({', '.join(kept)})" if kept else ""
+                    raise ExportParityError(f"int8 parity check failed: max |Δprob| = {parity:.3f} > {INT8_PARITY_LIMIT:g} on the {len(x)} calibration images{also}; "
+                                            f"the layers that quantize worst (SQNR, lower is worse): {shown}")
+                for f in fragile[:EXCLUDE_PER_ROUND]:
+                    kept[f["layer"]] = f["sqnr_db"]
+                    excluded += f["nodes"]
+            if kept:
+                settings["fp32"] += f"; {len(kept)} layers that quantized worst (sensitivity scan, SQNR dB): " + ", ".join(f"{k} {v:.1f}" for k, v in kept.items())
+            settings["kept_fp32"] = kept
             set_onnx_meta(dst, {**model_props(model, meta), "medres.precision": "int8", "medres.quantization": json.dumps(settings), "medres.calibration": json.dumps(record)})
-            # Parity on the calibration images: int8 vs the torch fp32 model (onnx.max_prob_diff, as export's).
-            parity, mean_diff = max_prob_diff(model, meta, dst, x, with_mean=True)
             session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
             outs = [session.run(["features"], {"image": x[i : i + 32]}) for i in range(0, len(x), 32)]
-            if parity > INT8_PARITY_LIMIT:
-                raise ExportParityError(f"int8 parity check failed: max |Δprob| = {parity:.3f} > {INT8_PARITY_LIMIT:g} on the {len(x)} calibration images")
             gate = _int8_gate(checkpoint, meta, np.concatenate([o[0] for o in outs]))
             if gate:
                 set_onnx_meta(dst, {"medres.ood": json.dumps(gate)}, replace=False)
     return {"out": str(out), "precision": "int8", "calibration": {k: v for k, v in record.items() if k != "files"}, "max_abs_prob_diff": parity, "ood": gate,
             "mean_abs_prob_diff": mean_diff, "quantization": settings}
+
+
+def fragile_layers(float_model: Path, qdq_model: Path, x: np.ndarray, tmp: Path) -> list[dict]:
+    """{"layer", "sqnr_db", "nodes"} of every quantized activation, worst first: the signal-to-quantization-
+    noise ratio between the tensor and its quantize→dequantize copy inside the int8 model (ONNX Runtime's
+    qdq_loss_debug), on the images `x`. A low ratio means the calibrated range represents that layer's
+    activations badly (outliers stretching a min/max range); those are the layers to keep in fp32. The
+    node is the one producing the tensor in `float_model` (a Conv, or the Relu/Add after it)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_signal_to_quantization_noice_ratio as sqnr, create_activation_matching,
+                                                          modify_model_output_intermediate_tensors)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([x])
+
+        def get_next(self):
+            b = next(self.batches, None)
+            return None if b is None else {"image": b}
+
+    augmented = tmp / "scan.onnx"
+    modify_model_output_intermediate_tensors(str(qdq_model), str(augmented))
+    # (compute_activation_error would also want the float model's activations: 1.32 fails without them)
+    # The quantizer folds each Relu into the Conv before it (the uint8 range clamps at 0): the tensor the
+    # int8 model computes under a Relu's name is the Conv's output, so it is compared after the Relu.
+    pairs = create_activation_matching(collect_activations(str(augmented), Reader()))
+    graph = onnx.load(str(float_model)).graph
+    nodes = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    scored = []
+    for name, m in pairs.items():
+        if name not in nodes or not m.get("pre_qdq") or not m.get("post_qdq"):
+            continue
+        node = nodes[name]
+        pre = [np.maximum(a, 0) for a in m["pre_qdq"]] if node.op_type == "Relu" else m["pre_qdq"]
+        err = float(sqnr(pre, m["post_qdq"]))
+        if np.isfinite(err):
+            # Kept in fp32 so that this tensor is never quantized: its producer (and a Relu's Conv with
+            # it) and every node that reads it (each would quantize its input to the same range).
+            keep = [node.name] + ([nodes[node.input[0]].name] if node.op_type == "Relu" and node.input[0] in nodes else []) + consumers.get(name, [])
+            scored.append({"layer": _layer_name(node.name), "sqnr_db": round(err, 1), "nodes": keep})
+    return sorted(scored, key=lambda d: d["sqnr_db"])
+
+
+def _layer_name(node: str) -> str:
+    """'/layer1/layer1.0/conv3/Conv' → 'layer1.0.conv3' (the torch module path)."""
+    parts = node.strip("/").split("/")
+    return ".".join(parts[1:-1]) or parts[0]
 
 
 def _int8_gate(checkpoint: Path, meta: ModelMeta, features: np.ndarray) -> dict | None:

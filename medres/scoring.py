@@ -178,6 +178,9 @@ def scorer_for(checkpoint, model, meta, *, device: str = "auto", precision: str 
     what = f"--backend {backend}" if backend != "torch" else "--precision int8"
     if device not in ("auto", "cpu"):
         raise UsageError(f"{what} runs on the CPU; --device {device} asks for another device")
+    from medres.onnx import require_onnxruntime, require_openvino
+
+    (require_openvino if backend == "openvino" else require_onnxruntime)(what)
     if precision == "int8":
         require_int8_cpu()
         path = Path(onnx_path) if onnx_path else default_int8_path(checkpoint)
@@ -191,9 +194,8 @@ def scorer_for(checkpoint, model, meta, *, device: str = "auto", precision: str 
         path = None  # OpenVINO: the graph is made from the checkpoint
     if backend == "openvino":
         return _openvino(model, meta, path, precision)
-    from medres.onnx import OnnxPredictor, require_onnxruntime
+    from medres.onnx import OnnxPredictor
 
-    require_onnxruntime(what)
     props = check_onnx_matches(path, model, want_int8=precision == "int8")
     return OnnxPredictor(path, meta, precision=props.get("medres.precision", "fp32"))
 
@@ -204,9 +206,8 @@ def _openvino(model, meta, path: Path | None, precision: str):
     import tempfile
 
     from medres.inference import cpu_supports_bf16
-    from medres.onnx import OpenVinoPredictor, check_onnx_matches, require_openvino, write_onnx
+    from medres.onnx import OpenVinoPredictor, check_onnx_matches, write_onnx
 
-    require_openvino("--backend openvino")
     if precision == "fp16":
         raise UsageError("--backend openvino runs fp32, bf16 or int8 on the CPU; --precision fp16 is for CUDA")
     inference = "bf16" if precision == "bf16" or (precision in ("auto", "int8") and cpu_supports_bf16()) else "f32"

@@ -84,6 +84,42 @@ def test_calibration_source_and_count(trained_run, phantoms, tmp_path):
     assert cal["count"] == 6 and set(cal["files"]) <= set(manifest["path"]) and cal["source"] == str(phantoms)
 
 
+def test_failed_parity_keeps_the_worst_layers_in_fp32_then_names_them(trained_run, phantoms, tmp_path, monkeypatch):
+    """A parity limit no model can meet: each round keeps the layers whose activations quantize worst
+    in fp32 (they are no longer quantized in the graph), and the final error names the next ones."""
+    import onnx
+
+    from medres import quantize
+
+    graphs = []  # each round's int8 graph: node name -> its inputs
+    seen: list[list[dict]] = []
+    real_scan = quantize.fragile_layers
+
+    def scan(*args):
+        out = real_scan(*args)
+        seen.append(out)
+        graphs.append({n.name: list(n.input) for n in onnx.load(str(args[1])).graph.node})
+        return out
+
+    monkeypatch.setattr(quantize, "INT8_PARITY_LIMIT", 0.0)
+    monkeypatch.setattr(quantize, "fragile_layers", scan)
+    r = runner.invoke(app, ["export", "--checkpoint", str(trained_run / "model.safetensors"), "--quantize", "int8", "--out", str(tmp_path / "m.int8.onnx"),
+                            "--calibration", str(phantoms), "--calibration-count", "6"])
+    assert r.exit_code != 0 and "EXPORT_PARITY" in r.output
+    assert len(seen) == quantize.EXCLUDE_ROUNDS + 1
+    first = seen[0]
+    assert [f["sqnr_db"] for f in first] == sorted(f["sqnr_db"] for f in first) and len(first) > 20
+    kept = [f["layer"] for f in first[: quantize.EXCLUDE_PER_ROUND]]
+    assert f"with {quantize.EXCLUDE_ROUNDS * quantize.EXCLUDE_PER_ROUND} layers kept in fp32" in r.output
+    assert all(layer in r.output for layer in kept) and "SQNR" in r.output
+    # In the next round's int8 graph those layers' convolutions keep float weights (int8 before).
+    convs = [n for f in first[: quantize.EXCLUDE_PER_ROUND] for n in f["nodes"] if n.endswith("/Conv")]
+    assert convs and all(graphs[0][n][1].endswith("_DequantizeLinear_Output") for n in convs)
+    assert not any(graphs[1][n][1].endswith("_DequantizeLinear_Output") for n in convs)
+    assert {f["layer"] for f in seen[1]}.isdisjoint(kept)  # and no longer scanned as quantized activations
+    assert not (tmp_path / "m.int8.onnx").exists()  # nothing half-written
+
+
 def test_int8_isa_choice_and_refusal(int8_run, phantoms, tmp_path, monkeypatch):
     assert onnx_io.int8_isa({"sse4_2", "avx2", "avx512_vnni"}) == "avx512_vnni"
     assert onnx_io.int8_isa({"avx2", "amx_int8", "avx_vnni"}) == "amx_int8"
