@@ -78,7 +78,7 @@ def main() -> None:
     from medres.model import load_checkpoint
     from medres.scoring import scorer_for
 
-    ckpt = Path(args.checkpoint)
+    ckpt = Path(args.checkpoint).resolve()  # the whole-run subprocess runs in the repository root
     model, meta = load_checkpoint(ckpt)
     size = int(meta.preprocess["image_size"])
     images = sorted(p for p in (need(SHARED / "cxr") / "images").rglob("*") if p.is_file())[: args.files]
