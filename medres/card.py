@@ -217,13 +217,10 @@ def _training_data(t: Section, rd: "RunDir", meta, cfg: dict, counts: pd.DataFra
 
 def _augmentation_line(cfg: dict) -> str:
     """train.augment as the run's config.yaml recorded it (true, false or a mapping; older runs' train.hflip read too)."""
-    from medres.config import augment_settings
+    from medres.config import augment_settings, with_legacy_hflip
     from medres.errors import ConfigInvalid
 
-    train = cfg.get("train", {}) or {}
-    value = train.get("augment", True)
-    if train.get("hflip") is True and value is not False:
-        value = {**(value if isinstance(value, dict) else {}), "hflip": True}
+    value = with_legacy_hflip(cfg.get("train", {}) or {}).get("augment", True)
     try:
         return augment_settings(value).describe()
     except (ValueError, ConfigInvalid):

@@ -116,6 +116,18 @@ class AugmentConfig(_Strict):
         return ", ".join(f"{name} {text if on else 'off'}" for name, on, text in entries)
 
 
+def with_legacy_hflip(train: dict) -> dict:
+    """A `train:` mapping with the pre-mapping key train.hflip folded into train.augment, so older
+    configs and run folders load: true turns on augment.hflip unless augmentation is off."""
+    if "hflip" not in train:
+        return train
+    train = dict(train)
+    hflip, augment = train.pop("hflip"), train.get("augment", True)
+    if hflip is True and augment is not False:
+        train["augment"] = {**(augment if isinstance(augment, dict) else {}), "hflip": True}
+    return train
+
+
 def augment_settings(value: "bool | dict | AugmentConfig") -> AugmentConfig:
     """train.augment as written (true, false or a mapping of overrides) → every entry resolved."""
     if isinstance(value, AugmentConfig):
@@ -178,14 +190,7 @@ class TrainConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _legacy_hflip(cls, data: Any) -> Any:
-        # train.hflip (before train.augment became a mapping) is still read, so older configs and run
-        # folders load: true turns on augment.hflip unless augmentation is off.
-        if isinstance(data, dict) and "hflip" in data:
-            data = dict(data)
-            hflip, augment = data.pop("hflip"), data.get("augment", True)
-            if hflip is True and augment is not False:
-                data["augment"] = {**(augment if isinstance(augment, dict) else {}), "hflip": True}
-        return data
+        return with_legacy_hflip(data) if isinstance(data, dict) else data
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -32,7 +32,7 @@ from medres.io import PreprocessSpec
 from medres.model import CAM_LAYER, load_checkpoint
 from medres.scoring import default_workers, discover
 
-__all__ = ["Case", "heat_layer", "manifest_truth", "overlay", "report", "shared_scales"]  # Case, manifest_truth: from medres.explain
+__all__ = ["Case", "heat_layer", "manifest_truth", "overlay", "report", "shared_scale", "shared_scales"]  # Case, manifest_truth: from medres.explain
 
 log = logging.getLogger(__name__)
 PNG_LEVEL = 1
@@ -163,11 +163,16 @@ def shared_scales(cases: list[Case], n_classes: int) -> dict[int, float]:
     being stretched to full colour."""
     scales: dict[int, float] = {}
     for k in range(n_classes):
-        vals = [c.cams[i].ravel() for c in cases if c.cams is not None for i, t in enumerate(c.targets) if t == k]
+        vals = [c.cams[i] for c in cases if c.cams is not None for i, t in enumerate(c.targets) if t == k]
         if vals:
-            v = float(np.percentile(np.concatenate(vals), 99.5))
-            scales[k] = v if v > 0 else 1.0
+            scales[k] = shared_scale(vals)
     return scales
+
+
+def shared_scale(maps: list[np.ndarray]) -> float:
+    """The absolute scale of one class's maps: their 99.5th percentile (1.0 when that is not positive)."""
+    v = float(np.percentile(np.concatenate([m.ravel() for m in maps]), 99.5))
+    return v if v > 0 else 1.0
 
 
 def _write_overlays(case: Case, out: Path, scales: dict[int, float], opts: Options, meta) -> None:

@@ -91,11 +91,9 @@ def _classes_of(y_row: np.ndarray, label, task: str) -> tuple[list[int], list[in
 
 def _scales(cases: list[dict]) -> dict[int, float]:
     """One absolute scale per class over this page (99.5th percentile of its maps here): a weak map stays cold."""
-    scales = {}
-    for k in {k for c in cases for k in c["_maps"]}:
-        v = float(np.percentile(np.concatenate([c["_maps"][k].ravel() for c in cases if k in c["_maps"]]), 99.5))
-        scales[k] = v if v > 0 else 1.0
-    return scales
+    from medres.report import shared_scale
+
+    return {k: shared_scale([c["_maps"][k] for c in cases if k in c["_maps"]]) for k in {k for c in cases for k in c["_maps"]}}
 
 
 def _write_overlays(out: Path, case: dict, scales: dict[int, float], classes: list[str]) -> list[dict]:

@@ -476,8 +476,7 @@ def _unlabeled_views(run: _Run, epoch: int, s: int, gen: torch.Generator) -> tup
     settings = cfg.train.augmentation  # the weak view: the run's own augmentation (today's default when it is off)
     weak = augment(x, gen, AugmentSpec.from_config(settings) if settings.enabled else AugmentSpec())
     strong = (augment(x, gen, STRONG) + 0.02 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
-    views = [normalise(v.to(run.device), run.meta.mean, run.meta.std, cfg.model.in_channels) for v in (weak, strong)]
-    return tuple(v.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else v for v in views)
+    return _network_input(run, weak), _network_input(run, strong)
 
 
 def write_augment_preview(run: _Run, n: int = 16) -> Path:
@@ -489,7 +488,7 @@ def write_augment_preview(run: _Run, n: int = 16) -> Path:
     rows = np.sort(np.random.default_rng([run.cfg.train.seed, 16]).permutation(run.train_rows)[:n])
     x = torch.from_numpy(run.store.read(rows)).float()
     gen = torch.Generator().manual_seed(run.cfg.train.seed)
-    y = augment(x, gen, AugmentSpec.from_config(settings)) if settings.enabled else x
+    y = augment_batch(run.cfg, x, gen)
     return write_augment_grid(run.out / "augment.png", x.numpy(), y.numpy(), settings.describe())
 
 
@@ -548,13 +547,22 @@ def epoch_batches(run: _Run, epoch: int, steps: int):
     return epoch_loader(run.store, [b for b in batches if len(b)], run.targets, workers=workers, pin_memory=run.device.type == "cuda", seed=cfg.train.seed * 1000 + epoch)
 
 
+def augment_batch(cfg: Config, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """train.augment applied to a batch of pixels in [0, 1]; switched off, the batch as it is and no
+    random numbers drawn."""
+    settings = cfg.train.augmentation
+    return augment(x, gen, AugmentSpec.from_config(settings)) if settings.enabled else x
+
+
+def _network_input(run: _Run, x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] → the model's normalised input on its device, in its memory format."""
+    x = normalise(x.to(run.device, non_blocking=True), run.meta.mean, run.meta.std, run.cfg.model.in_channels)
+    return x.contiguous(memory_format=torch.channels_last) if run.cfg.train.channels_last else x
+
+
 def training_input(run: _Run, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A loaded batch as the network sees it in training: train.augment, normalisation, memory format."""
-    cfg = run.cfg
-    if cfg.train.augmentation.enabled:
-        xb = augment(xb, gen, AugmentSpec.from_config(cfg.train.augmentation))
-    xb = normalise(xb.to(run.device, non_blocking=True), run.meta.mean, run.meta.std, cfg.model.in_channels)
-    return xb.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else xb
+    return _network_input(run, augment_batch(run.cfg, xb, gen))
 
 
 def optimizer_step(run: _Run, loss: torch.Tensor) -> None:
