@@ -60,54 +60,12 @@ def error_codes_md() -> str:
 
     rows = ["| code | exit code | raised for |", "|---|---|---|"]
     for code, cls in all_codes().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ and cls is not cls.__mro__[1] else ""
-        rows.append(f"| `{code}` | {cls.exit_code} | {_ERROR_HELP.get(code, doc)} |")
+        doc = (cls.__dict__.get("__doc__") or "").strip().splitlines()  # the class's own docstring, not its parent's
+        text = doc[0].replace("|", "\\|") if doc else ""
+        rows.append(f"| `{code}` | {cls.exit_code} | {text} |")
     return "\n".join(rows) + "\n"
 
 
-_ERROR_HELP = {
-    "MEDRES_ERROR": "base class",
-    "INGEST_ERROR": "base class of the file errors below",
-    "FILE_NOT_FOUND": "the input file does not exist",
-    "NOT_AN_IMAGE": "empty file, unrecognised content, unreadable DICOM",
-    "NO_PIXEL_DATA": "DICOM without pixel data (SR, RT plan, waveform, ...)",
-    "PIXEL_DATA_SHORT": "pixel data shorter than Rows × Columns × bits declare; truncated file",
-    "INVALID_PIXEL_MODULE": "missing/contradictory Rows, Columns, Bits*, PhotometricInterpretation; malformed LUT; 1-bit objects",
-    "UNSUPPORTED_PHOTOMETRIC": "colour DICOM (RGB, YBR, PALETTE COLOR)",
-    "MULTIFRAME_UNSUPPORTED": "multi-frame DICOM without a requested frame",
-    "DECODER_MISSING": "no installed decoder for the transfer syntax (names the pip package)",
-    "UNSUPPORTED_TRANSFER_SYNTAX": "a transfer syntax no decoder exists for (e.g. MPEG video)",
-    "DECODE_FAILED": "the codec failed on the data; malformed content",
-    "DEGENERATE_IMAGE": "constant image, RescaleSlope 0, window mapping everything to one value",
-    "IMAGE_TOO_LARGE": "more than data.max_megapixels (checked before decoding)",
-    "PATH_OUTSIDE_ROOT": "manifest path escaping its root (.., absolute, symlink out, symlink loop)",
-    "USAGE_ERROR": "bad command-line usage",
-    "CONFIG_INVALID": "unknown key, wrong type or value in a config / --set",
-    "MANIFEST_INVALID": "missing column, unknown/empty/NaN label, empty manifest",
-    "SPLIT_LEAKAGE": "a patient or identical file in two splits",
-    "OUTPUT_EXISTS": "output exists and --overwrite/--resume was not given",
-    "PACS_ERROR": "a PACS request failed (DICOMweb or DIMSE)",
-    "PACS_UNREACHABLE": "the PACS did not answer (closed port, wrong host, TLS failure)",
-    "PACS_AUTH_FAILED": "the PACS refused the credentials (HTTP 401/403)",
-    "PACS_ASSOCIATION_REJECTED": "the DICOM association was rejected or aborted (AE titles, presentation contexts)",
-    "PACS_NO_IMAGES": "a study had no image medres could score (none retrieved, or every one refused by the gate)",
-    "PACS_STORE_REJECTED": "the PACS refused to store the results (STOW-RS or C-STORE failure); the output table keeps the scores",
-    "OUTPUT_FAILED": "an output could not be written (disk full, over quota, read-only); the old file is kept",
-    "NO_INPUTS": "no input files found",
-    "WEIGHTS_INVALID": "weights are not a torchvision-layout ResNet50 (lists missing/unexpected keys)",
-    "WEIGHTS_NOT_FOUND": "pretrained file missing (names the file and folder)",
-    "CHECKPOINT_INVALID": "truncated/corrupt checkpoint, pickle with code, not a medres checkpoint",
-    "TRAINING_FAILED": "training could not continue",
-    "NON_FINITE_LOSS": "non-finite loss at epoch E step S (the last good checkpoint is kept)",
-    "EXPORT_PARITY": "ONNX export differs from torch beyond its tolerance (fp32 1e-4; int8 max |Δprob| 0.1)",
-    "REJECTED": "base class of the input gate's refusals (status rejected: readable, but the model does not answer)",
-    "UNEXPECTED_MODALITY": "DICOM Modality not among the expected ones (learnt from the training headers, or --expect modality=...)",
-    "UNEXPECTED_BODY_PART": "DICOM BodyPartExamined not among the expected ones (--expect body_part=...)",
-    "UNEXPECTED_VIEW": "DICOM ViewPosition not among the expected ones (--expect view=...)",
-    "OUT_OF_DISTRIBUTION": "OOD score above the checkpoint's threshold with --gate reject (with --gate flag the row is scored and marked)",
-    "INT8_UNSUPPORTED": "--precision int8 on a CPU without AVX2/VNNI/AMX or ARM dot-product, or on CUDA",
-    "ARCHIVE_INVALID": "manifest import: an archive file missing, a column missing, a malformed row (file:line)",
-}
 
 def labels_md() -> str:
     from medres.archives.vocabulary import table_md

@@ -124,6 +124,61 @@ def test_libjpeg_text_folded_into_the_error(tmp_path, capfd):
     assert "pip install" not in err.one_line() and capfd.readouterr().err == ""
 
 
+def _load_or_error(_state, path: Path) -> str:
+    try:
+        load_image(path)
+        return "ok"
+    except IngestError as err:
+        return err.one_line()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoding_pool_keeps_codec_text_off_the_console(tmp_path, capfd, workers):
+    """In the decoding pool (threads, or in-line beside another thread such as a progress bar's) fd 2
+    cannot be redirected per file, so the pool holds a sink; a failed decode is run again alone so
+    the codec's reason still lands in that file's error line. Nothing reaches the console, and fd 2
+    and sys.stderr are back afterwards."""
+    from medres.data.pool import imap
+
+    _needs_plugin(JPEGBaseline8Bit, "gdcm")
+    bad = [_damaged_jpeg(tmp_path / f"bad{i}.dcm") for i in range(4)]
+    good = make_dicom(tmp_path / "good.dcm", gradient())
+    stop = threading.Event()
+    beside = threading.Thread(target=stop.wait)  # a second thread, as a progress bar's refresh thread
+    beside.start()
+    before = sys.stderr
+    try:
+        out = list(imap(_load_or_error, [bad[0], good, *bad[1:]], setup=lambda: None, workers=workers))
+    finally:
+        stop.set()
+        beside.join()
+    assert out[1] == "ok"
+    for line in out[:1] + out[2:]:
+        assert line.startswith("[DECODE_FAILED]") and "Not a JPEG file: starts with 0x00 0x00" in line, line
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n" and sys.stderr is before
+
+
+def test_decoding_pool_logs_c_output_it_cannot_attribute(caplog, capfd):
+    """C output from a decoding thread that did not fail goes to a debug line when the pool ends, not
+    to the console; Python's own stderr writes inside the pool still reach the console."""
+    import logging
+
+    from medres.data.pool import imap
+
+    def chatty(_state, i):
+        os.write(2, f"codec says {i}\n".encode())
+        print(f"python says {i}", file=sys.stderr)
+        return i
+
+    with caplog.at_level(logging.DEBUG, logger="medres.io"):
+        got = list(imap(chatty, [0, 1, 2], setup=lambda: None, workers=2))
+    assert got == [0, 1, 2]
+    assert sorted(capfd.readouterr().err.splitlines()) == ["python says 0", "python says 1", "python says 2"]
+    logged = [r.getMessage() for r in caplog.records if "not attributable" in r.getMessage()]
+    assert len(logged) == 1 and all(f"codec says {i}" in logged[0] for i in range(3)), logged
+
+
 def test_inspect_prints_one_tagged_line_for_a_codec_failure(tmp_path):
     p = _testdata(BAD_J2K)
     _needs_plugin(JPEG2000, "gdcm")

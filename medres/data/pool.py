@@ -29,6 +29,7 @@ from itertools import islice
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from medres.errors import UsageError
+from medres.io.capture import threads_stderr_sink
 
 KINDS = ("thread", "process")
 DEFAULT_KIND = "thread"
@@ -88,15 +89,18 @@ def imap(work: Callable[[S, T], R], items: Sequence[T], *, setup: Callable[..., 
 def _in_this_process(work, items, setup, args, *, workers: int, chunk: int = CHUNK) -> Iterator:
     state = setup(*args)
     try:
-        if workers == 0:
-            yield from (work(state, x) for x in items)
-            return
-        chunks = (items[i : i + chunk] for i in range(0, len(items), chunk))
-        ex = ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX)
-        try:
-            yield from _windowed(lambda c: ex.submit(_run_chunk, work, state, c).result, chunks, DEPTH * workers)
-        finally:
-            ex.shutdown(wait=True, cancel_futures=True)  # a consumer that stops early waits for no queued chunk
+        # Codecs' C chatter off the console for the pool's life, whatever other threads run beside it
+        # (a progress bar's refresh thread, a notebook's): medres/io/capture.py.
+        with threads_stderr_sink():
+            if workers == 0:
+                yield from (work(state, x) for x in items)
+                return
+            chunks = (items[i : i + chunk] for i in range(0, len(items), chunk))
+            ex = ThreadPoolExecutor(workers, thread_name_prefix=THREAD_PREFIX)
+            try:
+                yield from _windowed(lambda c: ex.submit(_run_chunk, work, state, c).result, chunks, DEPTH * workers)
+            finally:
+                ex.shutdown(wait=True, cancel_futures=True)  # a consumer that stops early waits for no queued chunk
     finally:
         close = getattr(state, "close", None)
         if callable(close):

@@ -7,11 +7,15 @@ Thread safety. `warnings.catch_warnings` swaps process-wide state and is not thr
 place for good. `collected_warnings` installs one dispatcher for the process while any thread
 collects, and hands each warning to the thread that raised it.
 File descriptor 2 is shared by every thread, and Python's own stderr (log lines, progress bars, the
-CLI's error lines) writes to it too. `c_stderr_captured` therefore redirects it only while the
-calling thread is the process's only Python thread (`medres inspect`, process-pool and DataLoader
-workers); in the thread decoding pool of medres/scoring.py it captures nothing and a codec's text
-still reaches stderr. Inside the window, Python's own writers (`sys.stderr` and the logging handlers
-that write to it, e.g. `--verbose`'s) are pointed at the real stderr, so only C output is captured.
+CLI's error lines) writes to it too. `c_stderr_captured` redirects it around one decode when the
+calling thread is the process's only Python thread (`medres inspect`, process-pool workers). The
+decoding pool in this process (medres/data/pool.py: its threads, or in-line decoding beside a
+progress bar's thread) holds `threads_stderr_sink` instead: for the pool's life, C output goes to a sink that is logged at debug level when the pool ends, so a codec's chatter never
+reaches the console untagged; a decode that fails inside the pool is tried once more alone
+(`c_stderr_captured(exclusive=True)`, one thread at a time) so the codec's reason still lands in the
+file's own error line. Successful decodes are never serialised. Inside every window, Python's own
+writers (`sys.stderr` and the logging handlers that write to it, e.g. `--verbose`'s) are pointed at
+the real stderr, so only C output is captured.
 """
 
 from __future__ import annotations
@@ -130,32 +134,113 @@ def _python_stderr_to(fd: int) -> Iterator[None]:
         real.close()
 
 
+_sink_lock = threading.Lock()  # guards _sink
+_sink: dict = {"users": 0}  # the thread pool's fd 2 sink: users, file, the real stderr's descriptor, its ExitStack
+_exclusive = threading.Lock()  # one exclusive capture at a time while the sink holds fd 2
+
+
+def sink_active() -> bool:
+    return _sink["users"] > 0
+
+
 @contextmanager
-def c_stderr_captured(enabled: bool = True) -> Iterator[list[str]]:
+def threads_stderr_sink() -> Iterator[None]:
+    """For a thread decoding pool's life: C output on file descriptor 2 → a temporary sink, logged at
+    debug level (one line) when the last pool using it ends; Python's writers → the real stderr.
+    Nested and concurrent pools share one sink. Does nothing where stderr cannot be redirected."""
+    from contextlib import ExitStack
+
+    with _sink_lock:
+        if _sink["users"] == 0:
+            try:
+                tmp, saved = tempfile.TemporaryFile(), os.dup(2)
+            except OSError:  # no temp space, or no descriptor 2 (a daemon): leave stderr alone
+                tmp = None
+            if tmp is not None:
+                _flush_python_stderr()
+                stack = ExitStack()
+                os.dup2(tmp.fileno(), 2)
+                stack.enter_context(_python_stderr_to(saved))
+                _sink.update(file=tmp, saved=saved, stack=stack)
+                _sink["users"] = 1
+            joined = tmp is not None
+        else:
+            _sink["users"] += 1
+            joined = True
+    try:
+        yield
+    finally:
+        if joined:
+            _leave_sink()
+
+
+def _leave_sink() -> None:
+    with _sink_lock:
+        _sink["users"] -= 1
+        if _sink["users"] > 0:
+            return
+        _flush_c_stdio()
+        os.dup2(_sink["saved"], 2)
+        _sink["stack"].close()
+        os.close(_sink["saved"])
+        with _sink.pop("file") as tmp:
+            tmp.seek(0)
+            text = tmp.read(16384).decode("utf-8", "replace")
+    if text.strip():
+        logging.getLogger("medres.io").debug("decoders printed while decoding in threads (not attributable to one file): %s", one_line(" / ".join(text.splitlines()), 600))
+
+
+def _flush_python_stderr() -> None:
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()  # Python's pending text goes to the console, not into a capture
+    except (OSError, ValueError):
+        pass
+
+
+@contextmanager
+def c_stderr_captured(enabled: bool = True, *, exclusive: bool = False) -> Iterator[list[str]]:
     """What C code writes to file descriptor 2 inside the block → the yielded list (one line per
-    message), filled when the block ends, also when it raises. Captures only when `enabled` and this
-    is the process's only Python thread (see the module docstring); otherwise the list stays empty."""
+    message), filled when the block ends, also when it raises. Captures when `enabled` and this is the
+    process's only Python thread. Inside a thread pool's sink it captures only with `exclusive` (one
+    such block at a time; another thread's C output in the window lands here too). Otherwise the list
+    stays empty."""
     lines: list[str] = []
+    if enabled and sink_active():
+        if exclusive:
+            with _exclusive, _redirected(lines, restore_python=False):
+                yield lines
+        else:
+            yield lines
+        return
     if not enabled or threading.active_count() != 1:
         yield lines
         return
+    with _redirected(lines, restore_python=True):
+        yield lines
+
+
+@contextmanager
+def _redirected(lines: list[str], *, restore_python: bool) -> Iterator[None]:
+    """fd 2 → a temporary file inside the block, its lines appended to `lines` at the end; what fd 2
+    pointed at before is restored. With `restore_python`, Python's writers go to the previous fd 2
+    meanwhile (the sink already did that when it is active)."""
     try:
         tmp = tempfile.TemporaryFile()
         saved = os.dup(2)
     except OSError:  # no temp space, or no descriptor 2 (a daemon): leave stderr alone
-        yield lines
+        yield
         return
     with tmp:
-        try:
-            if sys.stderr is not None:
-                sys.stderr.flush()  # Python's pending text goes to the console, not into the capture
-        except (OSError, ValueError):
-            pass
+        _flush_python_stderr()
         try:
             os.dup2(tmp.fileno(), 2)
             try:
-                with _python_stderr_to(saved):
-                    yield lines
+                if restore_python:
+                    with _python_stderr_to(saved):
+                        yield
+                else:
+                    yield
             finally:
                 _flush_c_stdio()
                 os.dup2(saved, 2)

@@ -38,7 +38,7 @@ from medres.errors import (
     UnsupportedPhotometric,
     UnsupportedTransferSyntax,
 )
-from medres.io.capture import c_stderr_captured, collected_warnings, one_line
+from medres.io.capture import c_stderr_captured, collected_warnings, one_line, sink_active
 from medres.io.record import Record, clean_code_string
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,8 @@ def decode(ds: pydicom.Dataset, rec: Record, frame: int | None) -> np.ndarray:
         # damaged stream ("SOI marker missing") must be DECODE_FAILED, not advice to pip install.
         if uid.is_compressed and not _decoder_available(uid):
             raise DecoderMissing(f"no working decoder for '{uid.name}'; install: pip install {package_for(uid)}") from None
+        if uid.is_compressed and not codec_output and sink_active():
+            codec_output = _codec_text_alone(ds, frame)  # in a thread pool: once more, alone, for the codec's reason
         text = str(exc).lower()
         if "shorter" in text or "truncat" in text or "insufficient" in text or "not enough" in text:
             raise PixelDataShort(f"pixel data is shorter than the image module declares ({_reason(exc, uid, codec_output)})") from None
@@ -255,6 +257,20 @@ def decode(ds: pydicom.Dataset, rec: Record, frame: int | None) -> np.ndarray:
         raise UnsupportedPhotometric(f"decoded pixel array has shape {arr.shape}, expected 2-D greyscale")
     rec.step(f"decoded {rec.transfer_syntax}: {arr.shape[0]}x{arr.shape[1]}, {arr.dtype}, {rec.bits_stored} of {rec.bits_allocated} bits{' signed' if rec.signed else ''}")
     return arr
+
+
+def _codec_text_alone(ds: pydicom.Dataset, frame: int | None) -> list[str]:
+    """What the codec prints when the failed decode is run again with file descriptor 2 to itself."""
+    with c_stderr_captured(exclusive=True) as lines:
+        try:
+            if frame is not None:
+                ds.pixel_array_options(index=frame)
+            ds.pixel_array  # noqa: B018 — decoded for its side effect (the codec's text)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # noqa: BLE001 — the same codec boundary as decode()
+            pass
+    return lines
 
 
 def _floats(value) -> list[float]:
