@@ -138,6 +138,9 @@ def _checkpoint_path(value: Optional[Path]) -> Optional[Path]:
     return value
 
 
+ModelCheckpoint = Annotated[Path, typer.Option("--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors).")]
+Inputs = Annotated[List[Path], typer.Argument(help="Files, folders (recursive) or a manifest CSV.", show_default=False)]
+
 def _console():
     from rich.console import Console
 
@@ -227,6 +230,14 @@ def lr_find_cmd(
 
 
 # --- evaluate / calibrate --------------------------------------------------------------------------
+def _with_run_inputs(run, checkpoint, manifest, store_dir, call):
+    """`call(checkpoint, rows, splits, store)` on what --run/--checkpoint/--manifest/--store-dir name
+    (medres/run.py: a run folder's own rows, roots and splits), errors printed as one line."""
+    from medres.run import eval_inputs
+
+    return _run(lambda: call(*eval_inputs(run, checkpoint, manifest, store_dir)))
+
+
 @app.command()
 def evaluate(
     run: RunFolder = None,
@@ -247,13 +258,10 @@ def evaluate(
     Example: medres evaluate --run runs/covid --split test --by source --out runs/covid/eval
     """
     from medres.evaluate import evaluate as run_eval
-    from medres.run import eval_inputs
 
-    def go():
-        ckpt, man, splits, store = eval_inputs(run, checkpoint, manifest, store_dir)
-        return run_eval(ckpt, man, out, split=split or None, splits_csv=splits, by=[b for b in by.split(",") if b], bootstrap=bootstrap, seed=seed, device=device, store_dir=store, num_workers=workers, top_losses=top_losses)
-
-    result = _run(go)
+    result = _with_run_inputs(run, checkpoint, manifest, store_dir, lambda ckpt, rows, splits, store: run_eval(
+        ckpt, rows, out, split=split or None, splits_csv=splits, by=[b for b in by.split(",") if b], bootstrap=bootstrap, seed=seed, device=device,
+        store_dir=store, num_workers=workers, top_losses=top_losses))
     m = result["macro"]
     typer.echo(f"{result['images']} images, {result['patients']} patients ({result['split'] or 'all'})")
     ci = m.get("auroc_ci") or [float("nan")] * 2
@@ -296,21 +304,17 @@ def calibrate(
     Example: medres calibrate --run runs/covid --target-sensitivity 0.95 --coverage 0.9
     """
     from medres.calibration import calibrate as run_cal
-    from medres.run import eval_inputs
 
-    def go():
-        ckpt, man, splits, store = eval_inputs(run, checkpoint, manifest, store_dir)
-        return run_cal(ckpt, man, splits, target_sensitivity=target_sensitivity, coverage=coverage, method=conformal, ood_quantile=ood_quantile, store_dir=store)
-
-    result = _run(go)
+    result = _with_run_inputs(run, checkpoint, manifest, store_dir, lambda ckpt, rows, splits, store: run_cal(
+        ckpt, rows, splits, target_sensitivity=target_sensitivity, coverage=coverage, method=conformal, ood_quantile=ood_quantile, store_dir=store))
     typer.echo(json.dumps(result))
 
 
 # --- predict / export ------------------------------------------------------------------------------
 @app.command()
 def predict(
-    inputs: List[Path] = typer.Argument(..., help="Files, folders (recursive) or a manifest CSV."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
+    inputs: Inputs,
+    checkpoint: ModelCheckpoint,
     out: Path = typer.Option(..., "--out", help="Output table."),
     fmt: Literal["csv", "jsonl", "parquet"] = typer.Option("csv", "--format", help="csv, jsonl or parquet."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
@@ -382,7 +386,7 @@ def predict(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
+    checkpoint: ModelCheckpoint,
     fmt: Literal["onnx", "monai-bundle"] = typer.Option("onnx", "--format", help="onnx (a model file) or monai-bundle (a folder for MONAI Deploy / MONAI Label)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output model file (onnx) or folder (monai-bundle). Default with --quantize int8: CHECKPOINT.int8.onnx beside the checkpoint (where predict --precision int8 looks)."),
     quantize: Optional[Literal["int8"]] = typer.Option(None, "--quantize", help="int8: static quantization (ONNX Runtime QDQ) calibrated on validation images."),
@@ -409,8 +413,8 @@ def export(
 # --- report ----------------------------------------------------------------------------------------
 @app.command()
 def report(
-    inputs: List[Path] = typer.Argument(..., help="Files, folders or a manifest CSV."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
+    inputs: Inputs,
+    checkpoint: ModelCheckpoint,
     out: Path = typer.Option(..., "--out", help="Report folder (index.html, cases/)."),
     method: Literal["gradcam", "gradcam++", "occlusion"] = typer.Option("gradcam", "--method", help="gradcam, gradcam++, or occlusion (MONAI OcclusionSensitivity: model-agnostic, 196 forward passes per image)."),
     layer: str = typer.Option("layer4", "--layer", help="Module name for the CAM: layer4 gives image_size/32 cells per side, layer3 image_size/16."),
@@ -530,8 +534,8 @@ def manifest_import(
 
 @app.command("select")
 def select_cmd(
-    inputs: List[Path] = typer.Argument(..., help="Unlabelled files, folders (recursive) or a manifest CSV."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors, or a run folder (its model.safetensors)."),
+    inputs: Annotated[List[Path], typer.Argument(help="Unlabelled files, folders (recursive) or a manifest CSV.", show_default=False)],
+    checkpoint: ModelCheckpoint,
     n: int = typer.Option(..., "--n", min=1, help="How many files to propose."),
     out: Path = typer.Option(..., "--out", help="Manifest to fill in: path, root, an empty label column, rank, strategy, score."),
     strategy: Literal["entropy", "margin", "coreset", "random"] = typer.Option("entropy", "--strategy", help="entropy, margin (most uncertain first), coreset (k-centre on features), random."),
@@ -726,7 +730,7 @@ def pacs_echo(
 
 @pacs_app.command("score")
 def pacs_score_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors or a run folder."),
+    checkpoint: ModelCheckpoint,
     server: str = typer.Option(..., "--server", help=_SERVER_HELP),
     study: List[str] = typer.Option([], "--study", help="Study Instance UID (repeatable)."),
     query: List[str] = typer.Option([], "--query", help="KEY=VALUE study query, e.g. ModalitiesInStudy=CR or StudyDate=20240101- (repeatable)."),
@@ -764,7 +768,7 @@ def pacs_score_cmd(
 
 @app.command("listen")
 def listen_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", callback=_checkpoint_path, help="model.safetensors or a run folder."),
+    checkpoint: ModelCheckpoint,
     port: int = typer.Option(..., "--port", help="TCP port of the storage SCP."),
     store_to: str = typer.Option(..., "--store-to", help="Where results go: " + _SERVER_HELP),
     spool: Path = typer.Option(Path("medres-spool"), "--spool", help="Durable spool folder (received instances, studies being scored)."),

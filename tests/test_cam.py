@@ -123,7 +123,7 @@ def test_wrong_layer_lists_valid_names():
         find_layer(ResNet50(2), "layer9")
 
 
-@pytest.mark.slow  # the 500-phantom pointing fixture: make test runs it, make test-fast does not
+@pytest.mark.slow  # the 400-phantom pointing fixture: make test runs it, make test-fast does not
 def test_model_randomisation_changes_maps(pointing_model):
     """Adebayo et al.'s sanity check: re-initialising the top layers (layer4, fc) of a trained model
     must change the layer3 heatmaps — no positive rank correlation with the trained maps — and take

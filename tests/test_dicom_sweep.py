@@ -40,7 +40,8 @@ def _needs_plugin(uid, plugin: str) -> None:
 
 def _only_thread() -> None:
     if threading.active_count() != 1:
-        pytest.skip("another Python thread runs in this test process: fd 2 is not captured (by design)")
+        others = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        pytest.skip(f"another Python thread runs in this test process ({others}): fd 2 is not captured (by design)")
 
 
 def _error(path: Path) -> IngestError:

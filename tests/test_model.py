@@ -147,28 +147,10 @@ def _truncate(path):
     return out
 
 
-def test_atomic_save_survives_exception(tmp_path, monkeypatch):
-    m = build_model(2)
-    meta = ModelMeta(classes=["a", "b"], task="multiclass", preprocess={}, mean=[0.5] * 3, std=[0.2] * 3)
-    path = tmp_path / "model.safetensors"
-    save_checkpoint(path, m, meta)
-    before = path.read_bytes()
-    import safetensors.torch
-
-    def boom(*a, **k):
-        open(a[1], "wb").write(b"partial")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(RuntimeError):
-        save_checkpoint(path, m, meta)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
-    load_checkpoint(path)
-
-
-def test_full_disk_is_one_line_error_and_old_file_kept(tmp_path, monkeypatch):
-    """A full disk (ENOSPC from the writer) is OUTPUT_FAILED naming the file and the room left."""
+@pytest.mark.parametrize("failure", ["exception", "disk full"])
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, failure):
+    """A writer that fails half-way leaves the previous checkpoint intact and no temporary file; a full
+    disk (ENOSPC from the writer) is OUTPUT_FAILED naming the file and the room left, on one line."""
     import errno
 
     import safetensors.torch
@@ -180,15 +162,18 @@ def test_full_disk_is_one_line_error_and_old_file_kept(tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, m, meta)
     before = path.read_bytes()
+    error = RuntimeError("disk full") if failure == "exception" else OSError(errno.ENOSPC, "No space left on device")
 
-    def full(*a, **k):
+    def partial_then_fail(*a, **k):
         open(a[1], "wb").write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(OutputFailed) as caught:
+    monkeypatch.setattr(safetensors.torch, "save_file", partial_then_fail)
+    with pytest.raises(RuntimeError if failure == "exception" else OutputFailed) as caught:
         save_checkpoint(path, m, meta)
-    line = str(caught.value)
-    assert line.startswith(f"[OUTPUT_FAILED] {path}: cannot write: No space left on device (") and "MB free in" in line
-    assert "\n" not in line and path.read_bytes() == before
+    if failure == "disk full":
+        line = str(caught.value)
+        assert line.startswith(f"[OUTPUT_FAILED] {path}: cannot write: No space left on device (") and "MB free in" in line and "\n" not in line
+    assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    load_checkpoint(path)

@@ -221,7 +221,7 @@ def test_one_channel_model_from_a_three_channel_donor(tmp_path):
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow  # the 500-phantom pointing fixture: make test runs it, make test-fast does not
+@pytest.mark.slow  # the 400-phantom pointing fixture: make test runs it, make test-fast does not
 def test_fine_tuning_a_donor_beats_scratch_on_a_new_task(pointing_model, tmp_path_factory):
     """Transfer, end to end: the session's task-A model (normal vs opacity, tests/conftest.py) saved as
     a plain torchvision-layout file is the donor; task B (normal vs diffuse, a lesion it never saw)
