@@ -160,6 +160,30 @@ def test_decoding_pool_keeps_codec_text_off_the_console(tmp_path, capfd, workers
     assert capfd.readouterr().err == "after\n" and sys.stderr is before
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_predict_keeps_codec_text_in_the_row_not_on_the_console(trained_run, tmp_path, workers):
+    """The whole command, stderr a pipe (fd 2, as in a terminal): the damaged files' rows carry the
+    codec's reason, and the codec's text reaches stderr only inside predict's one tagged line per file."""
+    import csv
+
+    _needs_plugin(JPEGBaseline8Bit, "gdcm")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        _damaged_jpeg(folder / f"bad{i}.dcm")
+    make_dicom(folder / "good.dcm", gradient())
+    out = tmp_path / "p.csv"
+    r = subprocess.run([sys.executable, "-m", "medres", "predict", "--checkpoint", str(trained_run), str(folder), "--out", str(out), "--workers", workers],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    codec_lines = [line for line in r.stderr.splitlines() if "Not a JPEG file" in line]
+    assert len(codec_lines) == 3 and all(" [DECODE_FAILED] bad" in line for line in codec_lines), r.stderr  # predict's own tagged lines only
+    rows = {row["path"]: row for row in csv.DictReader(out.open())}
+    assert rows["good.dcm"]["status"] == "ok"
+    for i in range(3):
+        assert rows[f"bad{i}.dcm"]["error_code"] == "DECODE_FAILED" and "Not a JPEG file: starts with 0x00 0x00" in rows[f"bad{i}.dcm"]["message"]
+
+
 def test_decoding_pool_logs_c_output_it_cannot_attribute(caplog, capfd):
     """C output from a decoding thread that did not fail goes to a debug line when the pool ends, not
     to the console; Python's own stderr writes inside the pool still reach the console."""

@@ -111,11 +111,20 @@ def _stream_handlers() -> list[logging.StreamHandler]:
     return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
 
 
+def _writes_to_fd2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return False
+
+
 @contextmanager
 def _python_stderr_to(fd: int) -> Iterator[None]:
-    """Python's writes to stderr (sys.stderr, and logging handlers holding it) → `fd` inside the block."""
+    """Python's writes to stderr (sys.stderr, and logging handlers holding it) → `fd` inside the block.
+    Only when sys.stderr writes to file descriptor 2: a notebook's or a test runner's stderr object
+    writes elsewhere, is not affected by the redirection and is left alone."""
     old = sys.stderr
-    if old is None:
+    if old is None or not _writes_to_fd2(old):
         yield
         return
     real = open(os.dup(fd), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8", errors="backslashreplace")
