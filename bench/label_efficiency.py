@@ -224,12 +224,27 @@ def per_case(record: dict):
     return pd.read_csv(record["per_case"], dtype={"patient_id": str}).sort_values("path").reset_index(drop=True)
 
 
-def macro(frame, classes) -> float:
-    from medres.metrics import macro_auroc
-
+def arrays(frame, classes) -> tuple[np.ndarray, np.ndarray]:
     y = np.stack([(frame["label"] == c).to_numpy(float) for c in classes], 1)
-    p = frame[[f"prob_{c}" for c in classes]].to_numpy(float)
-    return macro_auroc(y, p)
+    return y, frame[[f"prob_{c}" for c in classes]].to_numpy(float)
+
+
+def fast_macro(y: np.ndarray, p: np.ndarray) -> float:
+    """Macro AUROC over the classes with both outcomes present (Mann–Whitney U with mid-ranks for ties:
+    the same number as sklearn's roc_auc_score, ~50× faster inside a 1,000-resample bootstrap)."""
+    from scipy.stats import rankdata
+
+    aucs = []
+    for k in range(y.shape[1]):
+        pos = y[:, k] > 0.5
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            aucs.append((rankdata(p[:, k])[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def macro(frame, classes) -> float:
+    return fast_macro(*arrays(frame, classes))
 
 
 def paired(a_runs: list[dict], b_runs: list[dict], classes, n: int = 1000, source: str | None = None) -> dict:
@@ -242,16 +257,23 @@ def paired(a_runs: list[dict], b_runs: list[dict], classes, n: int = 1000, sourc
     if source:
         a = [f[f["path"].str.contains(f"/{source}/")].reset_index(drop=True) for f in a]
         b = [f[f["path"].str.contains(f"/{source}/")].reset_index(drop=True) for f in b]
-    point_a, point_b = np.mean([macro(f, classes) for f in a]), np.mean([macro(f, classes) for f in b])
+    patients = a[0]["patient_id"].to_numpy()
+    a, b = [arrays(f, classes) for f in a], [arrays(f, classes) for f in b]
+    point_a, point_b = np.mean([fast_macro(*f) for f in a]), np.mean([fast_macro(*f) for f in b])
     diffs = []
-    for idx in patient_bootstrap(a[0]["patient_id"].to_numpy(), n, 0):
-        diffs.append(np.mean([macro(f.iloc[idx], classes) for f in b]) - np.mean([macro(f.iloc[idx], classes) for f in a]))
+    for idx in patient_bootstrap(patients, n, 0):
+        diffs.append(np.mean([fast_macro(y[idx], p[idx]) for y, p in b]) - np.mean([fast_macro(y[idx], p[idx]) for y, p in a]))
     diffs = np.array([d for d in diffs if np.isfinite(d)])
     return {"a": point_a, "b": point_b, "diff": point_b - point_a, "lo": float(np.quantile(diffs, 0.025)), "hi": float(np.quantile(diffs, 0.975))}
 
 
-def runs_of(res: dict, prefix: str) -> list[dict]:
-    return [v for k, v in sorted(res["runs"].items()) if k.startswith(prefix + "/seed")]
+def runs_of(res: dict, prefix: str, seeds: set[str] | None = None) -> list[dict]:
+    """The runs of one arm in seed order, optionally only those seeds (so two arms pair seed for seed)."""
+    return [v for k, v in sorted(res["runs"].items()) if k.startswith(prefix + "/seed") and (seeds is None or k.rsplit("/", 1)[1] in seeds)]
+
+
+def seeds_of(res: dict, prefix: str) -> set[str]:
+    return {k.rsplit("/", 1)[1] for k in res["runs"] if k.startswith(prefix + "/seed")}
 
 
 def clustering(res: dict, bench: Bench) -> list[str]:
@@ -300,16 +322,16 @@ def report(res: dict, bench: Bench) -> str:
         out.append("")
     out += ["| labels | arm | seeds | test macro AUROC (mean of seeds) | vs scratch (paired 95% CI) | minutes a run |", "|---|---|---|---|---|---|"]
     for fraction in ("0.1", "0.25", "1"):
-        scratch = runs_of(res, f"fractions/{fraction}/scratch")
         for arm in ("scratch", "pretrained", "probe", "semi", "semi-t0.8"):
             runs = runs_of(res, f"fractions/{fraction}/{arm}")
             if not runs:
                 continue
             mean = np.mean([r["test_macro_auroc"] for r in runs])
             vs = ""
-            if arm != "scratch" and len(scratch) == len(runs):
-                d = paired(scratch, runs, classes)
-                vs = f"{d['diff']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})"
+            common = seeds_of(res, f"fractions/{fraction}/{arm}") & seeds_of(res, f"fractions/{fraction}/scratch")
+            if arm != "scratch" and common:  # paired on the seeds both arms ran (scratch's mean may span more)
+                d = paired(runs_of(res, f"fractions/{fraction}/scratch", common), runs_of(res, f"fractions/{fraction}/{arm}", common), classes)
+                vs = f"{d['diff']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f})" + ("" if len(common) == len(runs_of(res, f"fractions/{fraction}/scratch")) else f" on seed {', '.join(sorted(c.removeprefix('seed') for c in common))}")
             minutes = np.mean([r["train_seconds"] for r in runs]) / 60
             out.append(f"| {float(fraction):.0%} | {arm} | {len(runs)} | {mean:.3f} | {vs} | {minutes:.1f} |")
     out += ["", "Per source (seed-averaged test macro AUROC over the classes present in that source):", "",
@@ -335,11 +357,14 @@ def report(res: dict, bench: Bench) -> str:
             al.setdefault(strategy, {}).setdefault(int(rnd.removeprefix("round")), []).append(v["test_macro_auroc"])
     if al:
         out += ["", "Active learning (pretrained backbone; 5 % random start, +5 % of the training rows a round):", "",
-                "| strategy | seeds | 5 % | 10 % | 15 % | 20 % | 25 % |", "|---|---|---|---|---|---|---|"]
+                "| strategy | seeds | 5 % | 10 % | 15 % | 20 % | 25 % | first budget reaching random's 25 % |", "|---|---|---|---|---|---|---|---|"]
+        target = np.mean(al["random"][5]) if 5 in al.get("random", {}) else None
         for strategy in STRATEGIES:
             if strategy in al:
-                cells = [f"{np.mean(al[strategy][k]):.3f}" if k in al[strategy] else "" for k in range(1, 6)]
-                out.append(f"| {strategy} | {len(al[strategy].get(1, []))} | " + " | ".join(cells) + " |")
+                means = {k: float(np.mean(v)) for k, v in al[strategy].items()}
+                cells = [f"{means[k]:.3f}" if k in means else "" for k in range(1, 6)]
+                reach = "" if target is None else next((f"{5 * k} %" for k in range(1, 6) if means.get(k, -1) >= target), "not within 25 %")
+                out.append(f"| {strategy} | {len(al[strategy].get(1, []))} | " + " | ".join(cells) + f" | {reach} |")
     lines = clustering(res, bench)
     if lines:
         out += ["", "Do the pretrained features cluster by hospital? (validation + test films, 5-NN source vote within a class)", "",

@@ -10,6 +10,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("MEDRES_TEST", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs pytest-xdist workers side by side: each gets its share of the cores, so two
+    # OpenMP pools never fight over one core (the same share reaches the CLI and torchrun subprocesses).
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    import torch
+
+    torch.set_num_threads(_share)
+
 from helpers import ROOT  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -19,6 +28,14 @@ def shared(sub: str) -> Path:
     if not p.exists():
         pytest.skip(f"../shared/data/{sub} not present")
     return p
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with `slow` tests run first (a stable sort: order inside a file is kept), so that under
+    pytest-xdist's per-file scheduling the longest files start at once instead of ending the run on
+    one worker while the other idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session")
@@ -68,27 +85,6 @@ def _reset_medres_logging():
         if isinstance(h, logging.FileHandler):
             h.close()
             root.removeHandler(h)
-
-
-@pytest.fixture(scope="session")
-def pointing_model(tmp_path_factory):
-    """A ResNet50 trained from scratch on 400 normal-vs-opacity phantoms at 128 px for 6 epochs
-    (validation AUROC ≈ 0.98), with the 80 held-out positives and their lesion masks in model space:
-    (model, normalised batch, masks). Sized by measurement (2026-12-03, fp32 and bf16 on 2 cores): it
-    was 500 phantoms × 8 epochs (106 s of the suite); at 400 × 6 the fp32 model still scores pointing
-    game layer4 0.81 vs 0.35 shuffled, layer3 0.65 vs 0.11, randomised-layer ρ −0.67 and randomised
-    hits 0.00 against the tests' bars (≥ 0.5 and ≥ 2× shuffled; ρ < 0.3; ≤ half). 300 × 6 was
-    rejected: layer4 0.57 in fp32, too close to its 0.5 bar."""
-    from medres.config import load_config
-    from medres.data.synthetic import make_dataset
-    from medres.localisation import held_out_lesions
-    from medres.train import fit
-
-    folder = tmp_path_factory.mktemp("pointing")
-    manifest = make_dataset(folder / "data", n_per_class=200, size=128, classes=("normal", "opacity"), seed=5, dicom_fraction=0.1)
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.manifest={manifest}", "data.classes=[normal,opacity]", "train.epochs=6", "train.calibrate=false", "train.seed=1"])
-    fit(cfg, folder / "run", show_progress=False)
-    return held_out_lesions(manifest, folder / "run")
 
 
 @pytest.fixture

@@ -100,6 +100,7 @@ def test_card_refuses_a_folder_that_is_not_a_run(tmp_path):
         write_card(tmp_path, tmp_path / "card.md")
 
 
+@pytest.mark.slow  # ≥ 20 s on 2 cores: make test runs it, make test-fast does not
 def test_tensorboard_and_mlflow_against_local_stores(phantoms, tmp_path):
     """train.log_to writes TensorBoard events and an MLflow run to local files (never a network
     service): params = the resolved config, one metric value per epoch, checkpoint and card as artifacts."""

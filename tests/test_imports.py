@@ -82,3 +82,13 @@ def test_one_decoding_pool():
         deps = imports_of(mods[name], name, set(mods) | {"multiprocessing", "concurrent.futures", "threading"})
         assert "medres.data.pool" in deps, name
         assert not deps & {"multiprocessing", "concurrent.futures", "threading"}, f"{name} starts its own pool: {deps}"
+
+
+def test_no_function_over_80_lines():
+    """Issue 24's bound on one function's size (decorators excluded, docstring included)."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 80 lines: " + ", ".join(long)

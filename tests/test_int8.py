@@ -84,6 +84,7 @@ def test_calibration_source_and_count(trained_run, phantoms, tmp_path):
     assert cal["count"] == 6 and set(cal["files"]) <= set(manifest["path"]) and cal["source"] == str(phantoms)
 
 
+@pytest.mark.slow  # ≥ 20 s on 2 cores: make test runs it, make test-fast does not
 def test_failed_parity_keeps_the_worst_layers_in_fp32_then_names_them(trained_run, phantoms, tmp_path, monkeypatch):
     """A parity limit no model can meet: each round keeps the layers whose activations quantize worst
     in fp32 (they are no longer quantized in the graph), and the final error names the next ones."""

@@ -72,6 +72,16 @@ def test_readme_stays_short():
     assert len(README.splitlines()) <= 300
 
 
+def test_architecture_names_every_module():
+    """One line (or one entry) per module in the README's architecture block: a module nobody can place
+    in the data flow is a module in the wrong room."""
+    block = README.split("## Architecture", 1)[1].split("```")[1]
+    names = {p.name for p in (ROOT / "medres").glob("*.py") if not p.name.startswith("__")}
+    names |= {p.name + "/" for p in (ROOT / "medres").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    missing = sorted(n for n in names if not re.search(rf"(?<![\w/]){re.escape(n)}", block))
+    assert not missing, f"not in the README's architecture section: {missing}"
+
+
 def test_every_cli_option_documented():
     import typer.main
 
@@ -111,6 +121,7 @@ def test_version_and_help_examples():
         assert "Example:" in out, cmd
 
 
+@pytest.mark.slow  # ≥ 20 s on 2 cores: make test runs it, make test-fast does not
 def test_demo_command(tmp_path):
     """`medres demo` end to end, as `make demo` runs it, at a reduced size."""
     runner = CliRunner()

@@ -37,6 +37,7 @@ def _reference(seed=0, n=800):
     return ShiftReference.fit(probs, y, feats, "multiclass")
 
 
+@pytest.mark.slow  # ≥ 20 s on 2 cores: make test runs it, make test-fast does not
 def test_same_distribution_alarms_at_the_nominal_rate():
     """40 folders of 200 files from the validation distribution: at α = 0.05 (to see any alarms in a
     few dozen draws) the false-alarm rate stays near 5% (at most 4 of 40: P(Binomial(40, 0.05) > 4) ≈ 0.05);
