@@ -414,8 +414,8 @@ def export(
 @app.command()
 def report(
     inputs: Inputs,
-    checkpoint: ModelCheckpoint,
     out: Path = typer.Option(..., "--out", help="Report folder (index.html, cases/)."),
+    checkpoint: ModelCheckpoint = ...,
     method: Literal["gradcam", "gradcam++", "occlusion"] = typer.Option("gradcam", "--method", help="gradcam, gradcam++, or occlusion (MONAI OcclusionSensitivity: model-agnostic, 196 forward passes per image)."),
     layer: str = typer.Option("layer4", "--layer", help="Module name for the CAM: layer4 gives image_size/32 cells per side, layer3 image_size/16."),
     class_: Optional[str] = typer.Option(None, "--class", help="Explain this class instead of the prediction."),
@@ -706,15 +706,31 @@ def _server(server: str, servers: Optional[Path], calling_aet: str, ca_bundle: O
                                      client_cert=str(client_cert) if client_cert else None, client_key=str(client_key) if client_key else None))
 
 
+def _server_options(command):
+    """The PACS connection options (--server, --servers, --aet, TLS files), declared once: the command
+    takes `target` (the parsed server) and gets these options appended to its own."""
+    import functools
+    import inspect
+
+    def option(name, annotation, default):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    connection = [option("server", Annotated[str, typer.Option("--server", help=_SERVER_HELP)], ...), option("servers", ServersFile, None),
+                  option("calling_aet", CallingAet, "MEDRES"), option("ca_bundle", CaBundle, None), option("client_cert", ClientCert, None),
+                  option("client_key", ClientKey, None)]
+
+    @functools.wraps(command)
+    def run(*args, server, servers, calling_aet, ca_bundle, client_cert, client_key, **kwargs):
+        return command(*args, target=_server(server, servers, calling_aet, ca_bundle, client_cert, client_key), **kwargs)
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "target"]
+    run.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + connection)
+    return run
+
+
 @pacs_app.command("echo")
-def pacs_echo(
-    server: str = typer.Option(..., "--server", help=_SERVER_HELP),
-    servers: ServersFile = None,
-    calling_aet: CallingAet = "MEDRES",
-    ca_bundle: CaBundle = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
-) -> None:
+@_server_options
+def pacs_echo(target) -> None:
     """Check the connection: C-ECHO (DIMSE) or a QIDO-RS query (DICOMweb); print what answered.
 
     Credentials come from MEDRES_PACS_USERNAME + MEDRES_PACS_PASSWORD, MEDRES_PACS_TOKEN, or the file
@@ -724,14 +740,14 @@ def pacs_echo(
     """
     from medres.pacs.clients import client_for
 
-    target = _server(server, servers, calling_aet, ca_bundle, client_cert, client_key)
     typer.echo(_run(lambda: client_for(target).echo()))
 
 
 @pacs_app.command("score")
+@_server_options
 def pacs_score_cmd(
+    target,
     checkpoint: ModelCheckpoint,
-    server: str = typer.Option(..., "--server", help=_SERVER_HELP),
     study: List[str] = typer.Option([], "--study", help="Study Instance UID (repeatable)."),
     query: List[str] = typer.Option([], "--query", help="KEY=VALUE study query, e.g. ModalitiesInStudy=CR or StudyDate=20240101- (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output table (CSV): one row per image, hashed UIDs, predict's columns."),
@@ -741,11 +757,6 @@ def pacs_score_cmd(
     device: Device = "auto",
     precision: Precision = "auto",
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    servers: ServersFile = None,
-    calling_aet: CallingAet = "MEDRES",
-    ca_bundle: CaBundle = None,
-    client_cert: ClientCert = None,
-    client_key: ClientKey = None,
 ) -> None:
     """Find studies, score their images on predict's path, store a TID 1500 Comprehensive SR and the
     Grad-CAM Secondary Captures back into each study. A study already scored by this checkpoint is skipped.
@@ -754,7 +765,6 @@ def pacs_score_cmd(
     """
     from medres.pacs.score import pacs_score
 
-    target = _server(server, servers, calling_aet, ca_bundle, client_cert, client_key)
     summary = _run(lambda: pacs_score(checkpoint, target, studies=list(study), query=list(query), out=out, rescore=rescore, heatmaps=heatmaps,
                                       gate=gate, device=device, precision=precision, batch_size=batch_size))
     for o in summary["outcomes"]:
