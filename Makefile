@@ -21,10 +21,10 @@ demo: install
 	$(BIN)/medres demo --out runs/demo
 
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n logical --dist loadfile --durations=15
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n logical --dist loadfile -m "not slow"
 
 fuzz: install
 	MEDRES_FUZZ_EXAMPLES=50000 $(BIN)/python -m pytest -q tests/reliability/test_fuzz.py

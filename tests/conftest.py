@@ -13,7 +13,8 @@ os.environ.setdefault("MEDRES_TEST", "1")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # `make test` runs pytest-xdist workers side by side: each gets its share of the cores, so two
     # OpenMP pools never fight over one core (the same share reaches the CLI and torchrun subprocesses).
-    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _share = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_share)
     import torch
 
