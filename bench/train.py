@@ -1,6 +1,9 @@
 """Training throughput: `medres train`'s step (bf16 autocast where supported, channels_last, batched
 augmentation, batches read from the on-disk image store) vs a plain fp32 eager loop on the same model and batch,
-plus the share of wall time spent on data with a warm cache.
+plus the share of wall time spent on data with a warm cache, and both as a share of this machine's
+limit: a training step is ≈ 3 forward passes of FLOPs (forward, and a backward pass of twice its
+cost), so the limit is the GEMM throughput (`_common.gemm_limit`) at the step's precision over
+3 × ResNet50's 8.2 GFLOP × (size/224)².
 
     .venv/bin/python bench/train.py [--size 224] [--batch 16] [--steps 6]
 """
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import machine, save, table
+from _common import gemm_limit, machine, resnet50_limit, save, table
 
 
 def plain_loop(size: int, batch: int, steps: int) -> float:
@@ -69,11 +72,20 @@ def main() -> None:
     args = ap.parse_args()
     plain = plain_loop(args.size, args.batch, args.steps)
     med = medres_run(args.size, args.batch, args.steps)
-    rows = [("(a) plain fp32 eager loop", f"{plain:.2f}", "1.00"), ("medres train step", f"{med['images_per_s']:.2f}", f"{med['images_per_s'] / plain:.2f}")]
-    print(f"\nResNet50 {args.size}px, batch {args.batch}, {args.steps} timed steps; {machine()}\n")
-    print(table(rows, ("loop", "images/s", "ratio")))
+    from medres.inference import resolve_precision
+
+    gemm = gemm_limit()
+    step_precision = "bf16" if resolve_precision("auto", torch.device("cpu")) is torch.bfloat16 else "fp32"
+    limit = {k: resnet50_limit(v, args.size) / 3 for k, v in gemm.items() if k in ("fp32", "bf16")}
+    rows = [("(a) plain fp32 eager loop", f"{plain:.2f}", "1.00", f"{plain / limit['fp32']:.2f} of fp32"),
+            (f"medres train step ({step_precision})", f"{med['images_per_s']:.2f}", f"{med['images_per_s'] / plain:.2f}",
+             f"{med['images_per_s'] / limit[step_precision]:.2f} of {step_precision}")]
+    print(f"\nResNet50 {args.size}px, batch {args.batch}, {args.steps} timed steps; {machine()}")
+    print("training limit: " + ", ".join(f"{k} {gemm[k]:.0f} GFLOP/s = {v:.1f} img/s" for k, v in limit.items()) + "\n")
+    print(table(rows, ("loop", "images/s", "ratio", "share of the limit")))
     print(f"\nmedres / plain = {med['images_per_s'] / plain:.2f}x; warm-cache data time {med['warm_data_seconds']:.2f}s = {100 * med['data_share']:.1f}% of data+train time for this epoch")
-    save("train", {"plain_images_per_s": plain, **med, "ratio": med["images_per_s"] / plain, "size": args.size, "batch": args.batch, "machine": machine()})
+    save("train", {"plain_images_per_s": plain, **med, "ratio": med["images_per_s"] / plain, "gemm_gflops": gemm, "train_limit_images_per_s": limit,
+                   "step_precision": step_precision, "size": args.size, "batch": args.batch, "machine": machine()})
 
 
 if __name__ == "__main__":
