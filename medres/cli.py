@@ -538,7 +538,7 @@ def select_cmd(
     checkpoint: ModelCheckpoint,
     n: int = typer.Option(..., "--n", min=1, help="How many files to propose."),
     out: Path = typer.Option(..., "--out", help="Manifest to fill in: path, root, an empty label column, rank, strategy, score."),
-    strategy: Literal["entropy", "margin", "coreset", "random"] = typer.Option("entropy", "--strategy", help="entropy, margin (most uncertain first), coreset (k-centre on features), random."),
+    strategy: Literal["entropy", "margin", "coreset", "random"] = typer.Option("margin", "--strategy", help="margin (default: the strategy that held up against random in bench/label_efficiency.py), entropy (most uncertain first), coreset (k-centre on features), random."),
     by: Literal["file", "patient"] = typer.Option("file", "--by", help="patient: at most one film per patient_id (manifest input)."),
     exclude: Optional[Path] = typer.Option(None, "--exclude", help="Manifest whose files are already labelled (default: the checkpoint's run manifest)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random strategy."),

@@ -14,6 +14,10 @@ the run already trained on. Strategies are a table of small functions (`STRATEGI
   picks cover what the labelled data does not; a near-duplicate of a pick is never the next pick;
 - `random`: a seeded random order (the baseline every strategy should beat).
 
+`margin` is the default: on real chest films (bench/label_efficiency.py, 5 % → 25 % labels, 2 seeds)
+no strategy beat random beyond seed noise, margin matched it, coreset trailed slightly and entropy
+trailed by ≈ 0.02–0.03 macro AUROC (on one seed it picked half again as many covid films as random).
+
 The output is a manifest to fill in: `path` and `root` as `train` reads them, an empty label column
 (or empty class columns for multilabel), the strategy's `score` and `rank`.
 """
@@ -87,7 +91,7 @@ def rank(strategy: str, probs: np.ndarray, features: np.ndarray | None, *, task:
 STRATEGIES: dict[str, Callable | None] = {"entropy": entropy, "margin": margin, "coreset": None, "random": None}
 
 
-def select(checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *, n: int, strategy: str = "entropy", by_patient: bool = False,
+def select(checkpoint: str | Path, inputs: list[str | Path], out: str | Path, *, n: int, strategy: str = "margin", by_patient: bool = False,
            exclude: str | Path | None = None, seed: int = 0, overwrite: bool = False, workers: int = 0) -> pd.DataFrame:
     """Score `inputs` and write the `n` files to label next to `out` (a manifest to fill in)."""
     from medres.errors import OutputExists
