@@ -170,7 +170,7 @@ class TrainConfig(_Strict):
     balance: Literal["none", "weights", "sampler"] = Field("weights", description="Class imbalance: class-weighted loss, balanced sampler, or none.")
     augment: Union[bool, AugmentConfig] = Field(True, description="Chest-X-ray-safe augmentation: true (rotation, scale, translate, brightness, contrast, gamma; no flips), false (none), or a mapping overriding single entries of train.augment.*.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 autocast on CPUs that support it, bf16/fp16 on CUDA.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 autocast on CPUs that support it natively (not with $MEDRES_NO_BF16=1), bf16/fp16 on CUDA.")
     channels_last: bool = Field(True, description="Use the channels_last memory format.")
     seed: int = Field(0, description="Seed for splits, initialisation, augmentation and sampling.")
     deterministic: bool = Field(False, description="Deterministic kernels (slower) so --resume equals an uninterrupted run.")

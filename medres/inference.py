@@ -4,6 +4,7 @@ probabilities. Used by train (validation), evaluate, predict and report alike.""
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -20,6 +21,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
+    """Native bf16 (AVX-512 BF16 or AMX). MEDRES_NO_BF16=1 answers no: `auto` then runs fp32 as on a CPU
+    without it (the same numbers on every machine; how the test suite is timed for fp32-only CPUs)."""
+    if os.environ.get("MEDRES_NO_BF16", "") not in ("", "0"):
+        return False
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool((check and check()) or (amx and amx()))

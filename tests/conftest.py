@@ -20,13 +20,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
     torch.set_num_threads(_share)
 
-if os.environ.get("MEDRES_TEST_NO_BF16"):
-    # Time the suite as an fp32-only CPU would run it (issue 24's bound): `precision: auto` resolves to
-    # fp32 in the test processes (CLI subprocesses still see the real CPU).
-    import medres.inference
-
-    medres.inference.cpu_supports_bf16 = lambda: False
-
 from helpers import ROOT  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 

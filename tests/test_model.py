@@ -177,3 +177,17 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch, failure):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
     load_checkpoint(path)
+
+
+def test_no_bf16_switch_makes_auto_fp32_on_cpu(monkeypatch):
+    """MEDRES_NO_BF16=1: `auto` is fp32 on the CPU whatever it supports (the scoring path asks the same
+    function); explicit precisions and CUDA are untouched."""
+    from medres.inference import cpu_supports_bf16, resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_supports_bf16() and resolve_precision("auto", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setenv("MEDRES_NO_BF16", "1")
+    assert not cpu_supports_bf16() and resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setenv("MEDRES_NO_BF16", "0")
+    assert cpu_supports_bf16()
