@@ -184,6 +184,7 @@ def test_no_bf16_switch_makes_auto_fp32_on_cpu(monkeypatch):
     function); explicit precisions and CUDA are untouched."""
     from medres.inference import cpu_supports_bf16, resolve_precision
 
+    monkeypatch.delenv("MEDRES_NO_BF16", raising=False)  # the suite itself may run under it
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert cpu_supports_bf16() and resolve_precision("auto", torch.device("cpu")) is torch.bfloat16
     monkeypatch.setenv("MEDRES_NO_BF16", "1")
