@@ -22,7 +22,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def cpu_supports_bf16() -> bool:
     """Native bf16 (AVX-512 BF16 or AMX). MEDRES_NO_BF16=1 answers no: `auto` then runs fp32 as on a CPU
-    without it (the same numbers on every machine; how the test suite is timed for fp32-only CPUs)."""
+    without it (to compare with an fp32-only machine; how the test suite is timed for one)."""
     if os.environ.get("MEDRES_NO_BF16", "") not in ("", "0"):
         return False
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
