@@ -45,10 +45,12 @@ def in_one_thread(test):
     process has others (pytest-xdist's I/O thread, a leftover of an earlier test), the test runs again in
     a fresh single-threaded pytest and must pass there: it is never skipped for the crowd it ran in."""
 
+    wants_request = "request" in inspect.signature(test).parameters
+
     @functools.wraps(test)
     def run(*args, request, **kwargs):
         if threading.active_count() == 1:
-            return test(*args, **kwargs)
+            return test(*args, **({**kwargs, "request": request} if wants_request else kwargs))
         others = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
         assert not os.environ.get("MEDRES_TEST_FRESH"), f"other Python threads in a fresh test process: {others}"
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", request.node.nodeid],
@@ -58,7 +60,7 @@ def in_one_thread(test):
         assert done.returncode == 0, f"in a fresh process (here: {others}):\n{done.stdout[-3000:]}"
 
     params = list(inspect.signature(test).parameters.values())
-    if "request" not in [p.name for p in params]:
+    if not wants_request:
         params.append(inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY))
     run.__signature__ = inspect.Signature(params)
     return run
