@@ -283,7 +283,14 @@ def test_rotated_and_inverted_films_are_flagged_with_their_codes(trained_run, ph
     group = flag["path"].str.split("/").str[0]
     assert (group == "as_is").sum() >= 6
     assert (flag.loc[group == "as_is", "orientation"] == "as trained").mean() >= 0.8
-    assert (rej.loc[group == "as_is", "status"] == "ok").mean() >= 0.8
+    # upright films are not refused for their orientation; the tiny detector may still call a few of
+    # them out of distribution (3 of 13 in fp32 on one thread), and exactly those that --gate flag marks
+    as_is = rej.loc[group == "as_is"]
+    assert not as_is["error_code"].isin(["ROTATED", "INVERTED"]).any(), as_is[["error_code", "orientation"]].to_string()
+    assert (as_is["status"] == "ok").mean() >= 0.6, as_is[["status", "error_code", "ood_score"]].to_string()
+    refused_ood = dict(zip(as_is["path"], as_is["error_code"] == "OUT_OF_DISTRIBUTION"))
+    flagged_ood = dict(zip(flag.loc[group == "as_is", "path"], flag.loc[group == "as_is", "in_distribution"].astype(str) == "0"))
+    assert refused_ood == flagged_ood, flag.loc[group == "as_is", "in_distribution"].tolist()
     for sub, code, named in (("rot90", "ROTATED", "rotated"), ("rot180", "ROTATED", "rotated"), ("rot270", "ROTATED", "rotated"), ("inverted", "INVERTED", "inverted")):
         assert flag.loc[group == sub, "orientation"].str.contains(named).mean() >= 0.8, (sub, flag.loc[group == sub, "orientation"].tolist())
         assert rej.loc[group == sub, "error_code"].isin([code, "OUT_OF_DISTRIBUTION"]).mean() >= 0.8, sub

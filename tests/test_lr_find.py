@@ -22,10 +22,12 @@ def test_sweep_follows_the_schedule_and_suggests_inside_it(phantoms, tmp_path):
     n = res["steps_run"]
     assert 2 <= n <= 25 and len(res["lrs"]) == len(res["losses"]) == len(res["smoothed"]) == n
     np.testing.assert_allclose(res["lrs"], lr_schedule(1e-6, 1.0, 25)[:n])  # exponential, from start_lr on
-    if n == 25:
-        assert res["stopped"] == "end_lr reached" and res["lrs"][-1] == 1.0
-    else:
-        assert res["stopped"].startswith("diverged")
+    if res["stopped"] == "end_lr reached":
+        assert n == 25 and res["lrs"][-1] == 1.0
+    else:  # may diverge on the very last step too (fp32 on one thread did, at lr 1)
+        assert res["stopped"].startswith("diverged"), res["stopped"]
+        if "smoothed loss" in res["stopped"]:
+            assert res["smoothed"][-1] > DIVERGE * min(res["smoothed"][:-1])
     assert res["lrs"][0] <= res["suggestion"] <= res["lrs"][-1]
     assert res["rule"] == SUGGESTION_RULE
     assert res["set"] == f"--set train.lr={res['suggestion']:.3g}"
