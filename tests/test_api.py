@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from medres import api
 
@@ -28,6 +29,7 @@ def test_load_predict_explain(trained_run, phantoms, tmp_path):
     assert model.explain(frame["path"][0], target="diffuse")["maps"].keys() == {"diffuse"}
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_train_and_evaluate(phantoms, tmp_path):
     summary = api.train("smoke", [f"data.manifest={phantoms}", "data.image_size=32", "train.epochs=1", "eval.bootstrap=10"], out=tmp_path / "run")
     assert summary["epochs"] and (tmp_path / "run" / "model.safetensors").exists()

@@ -279,6 +279,7 @@ def test_vocabulary_table_covers_every_archive():
     assert "| Effusion | Effusion | Pleural Effusion | Pleural Effusion |" in table
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_imported_manifest_trains_multilabel_with_uncertain_labels_and_evaluates(tmp_path):
     """End to end: a CheXpert-format archive → import → a multilabel run with U-Ones for one label and
     masked uncertain/missing labels for another → evaluate --run (its data.root-free, root-column paths)."""

@@ -150,6 +150,7 @@ def test_older_configs_still_load(tmp_path):
     assert again.train.augmentation == cfg.train.augmentation
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_training_writes_augment_png_and_the_card_records_the_settings(tmp_path):
     from medres.data.synthetic import make_dataset
     from medres.train import fit

@@ -62,6 +62,7 @@ def test_openvino_bf16_within_its_tolerance(trained_run, phantoms, tmp_path):
     assert np.abs(probs(a) - probs(b)).max() <= BF16_TOL
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_threads_change_no_output(trained_run, phantoms, tmp_path):
     """OpenVINO and ONNX Runtime take torch's thread count; 1 or 2 threads, 1 or 2 decoding workers:
     the same table, byte for byte."""

@@ -227,6 +227,7 @@ def test_occlusion_maps_find_the_evidence():
     assert maps[0, 1][:16, :16].sum() == 0
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_report_with_occlusion(trained_run, tmp_path):
     from medres.data.synthetic import make_dataset
     from medres.report import report

@@ -30,6 +30,7 @@ def test_inspect_writes_npy_and_json(tmp_path):
     assert rec["photometric"] == "MONOCHROME1" and rec["geometry"]["original_height"] == 40
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_calibrate_with_target_sensitivity(trained_run, tmp_path):
     import shutil
 

@@ -147,6 +147,7 @@ def test_detector_separates_other_inputs_from_held_out_phantoms(trained_run, pha
     assert (ind["in_distribution"] == 0).mean() <= 0.34  # threshold: 99th percentile of 9 validation images; measured 0
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_threshold_stored_reloaded_and_refitted_by_calibrate(trained_run, phantoms, tmp_path):
     from medres.calibration import calibrate
     from medres.model import save_checkpoint

@@ -74,6 +74,7 @@ def test_predict_int8_end_to_end_matches_fp32(int8_run, phantoms, tmp_path, monk
     assert 0 < far.mean() < 1 and roc_auc_score(far, b["ood_score"]) >= 0.9  # int8 puts the same images far
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_calibration_source_and_count(trained_run, phantoms, tmp_path):
     out = tmp_path / "m.int8.onnx"
     r = runner.invoke(app, ["export", "--checkpoint", str(trained_run / "model.safetensors"), "--quantize", "int8", "--out", str(out),

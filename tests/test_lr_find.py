@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 from helpers import ROOT, smoke_config
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ def _sha(folder):
     return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_sweep_follows_the_schedule_and_suggests_inside_it(phantoms, tmp_path):
     cfg = smoke_config(phantoms, "data.image_size=32", "train.batch_size=8")
     res = lr_find(cfg, tmp_path / "lr", steps=25, start_lr=1e-6, end_lr=1.0)
@@ -35,6 +37,7 @@ def test_sweep_follows_the_schedule_and_suggests_inside_it(phantoms, tmp_path):
     assert (tmp_path / "lr" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_huge_end_lr_stops_on_divergence(phantoms, tmp_path):
     cfg = smoke_config(phantoms, "data.image_size=32", "train.batch_size=8")
     res = lr_find(cfg, tmp_path / "lr", steps=60, start_lr=1e-5, end_lr=1e7)

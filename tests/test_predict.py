@@ -100,6 +100,7 @@ def test_bf16_precision_runs_the_model_under_autocast(trained_run):
         assert seen[-1] == dtype
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_formats_and_tta_and_manifest_input(trained_run, phantoms, tmp_path):
     """--tta: the views differ from the image, and each row is the mean of the views' probabilities."""
     import torch
@@ -189,6 +190,7 @@ def test_in_process_decoding_keeps_the_callers_threads(trained_run, mixed, tmp_p
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_torchrun_two_ranks_score_every_file_once(trained_run, phantoms, tmp_path):
     """`torchrun --nproc_per_node 2 -m medres predict`: each rank scores its hash share, rank 0 joins
     them into one table equal to a single-process run (2 gloo processes on CPU)."""

@@ -26,6 +26,7 @@ def _unlabelled(phantoms, tmp_path):
     return out
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_pretrained_backbone_loads_strictly_and_train_starts_from_it(phantoms, tmp_path):
     from medres.model import build_model, load_backbone_weights, load_source_weights
     from medres.pretrain import pretrain
@@ -48,6 +49,7 @@ def test_pretrained_backbone_loads_strictly_and_train_starts_from_it(phantoms, t
     assert run["epochs"] and (tmp_path / "ft" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_resume_equals_an_uninterrupted_run(phantoms, tmp_path):
     from medres.pretrain import pretrain
 

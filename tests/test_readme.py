@@ -28,6 +28,7 @@ def test_readme_starts_with_the_two_commands():
     assert "make demo" in first_block and "make test" in first_block
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_quickstart_runs_on_phantoms(tmp_path, monkeypatch, phantoms):
     runner = CliRunner()
     # Lay the phantoms out as the README's class-per-folder example.

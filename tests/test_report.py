@@ -218,6 +218,7 @@ def test_coarse_maps_are_flagged(trained_run, inputs, tmp_path, caplog):
     assert summary["map_cells"] == [6, 6] and "layer3 (6×6 cells)" in (tmp_path / "l3" / "index.html").read_text()
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_multilabel_report_maps_every_positive_label(phantoms, tmp_path):
     """Multilabel: each case gets one map per label above its threshold (the most probable label when
     none is), in one batched pass; the page's 'positive' marks and the overlay files agree — with the

@@ -32,6 +32,7 @@ def test_only_confident_pseudo_labels_enter_the_loss():
     assert strong.grad[0, 1] == 0 and strong.grad[0, 0] != 0
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_unlabelled_films_train_but_never_reach_the_splits(phantoms, tmp_path):
     from medres.data.synthetic import make_dataset
     from medres.train import fit

@@ -228,6 +228,7 @@ def _cfg(manifest: Path, *extra: str):
     return load_config(ROOT / "configs" / "smoke.yaml", [f"data.manifest={manifest}", "train.epochs=1", "train.max_steps_per_epoch=2", "train.calibrate=false", *extra])
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_second_train_and_evaluate_decode_nothing(phantoms, tmp_path, caplog):
     import logging
 
@@ -277,6 +278,7 @@ def test_evaluate_from_store_equals_direct_scoring(trained_run, phantoms, tmp_pa
     assert np.abs(probs["uint8"] - direct).max() < 0.02
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_loader_workers_do_not_change_training(phantoms, tmp_path):
     from medres.train import fit
 

@@ -45,6 +45,7 @@ def test_smoke_config_writes_a_complete_run(trained_run):
     assert state["epoch"] == 5  # 0-based: the last of 6 epochs
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_loss_falls_and_auroc_beats_chance(easy, tmp_path):
     s = fit(cfg_for(easy, "data.image_size=48", "train.batch_size=8", "train.epochs=8", "train.lr=0.001", "train.deterministic=true"), tmp_path, show_progress=False)
     e = s["epochs"]
@@ -70,6 +71,7 @@ def _killed_at_epoch_3_then_resumed(cfg, out, monkeypatch) -> dict:
     return fit(cfg, out, resume=True, show_progress=False)
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_resume_equals_uninterrupted(easy, tmp_path, monkeypatch):
     args = ("train.epochs=3", "train.deterministic=true", "train.max_steps_per_epoch=3")
     full = fit(cfg_for(easy, *args), tmp_path / "full", show_progress=False)
@@ -90,6 +92,7 @@ def test_non_finite_loss_stops_and_keeps_last_good(easy, tmp_path):
     load_checkpoint(tmp_path / "model.safetensors")
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_multilabel(easy, tmp_path):
     df = pd.read_csv(easy)
     df["labels"] = ["opacity|bright" if l == "opacity" else "" for l in df["label"]]
@@ -102,6 +105,7 @@ def test_multilabel(easy, tmp_path):
     assert meta.task == "multilabel" and len(meta.thresholds) == 2
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_same_seed_same_metrics_with_workers(easy, tmp_path):
     args = ("train.epochs=1", "train.max_steps_per_epoch=2", "train.deterministic=true")
     a = fit(cfg_for(easy, *args, "train.num_workers=0"), tmp_path / "w0", show_progress=False)
@@ -186,6 +190,7 @@ def test_better_of_live_and_ema_becomes_best_and_is_named(easy, tmp_path, monkey
     assert "from the ema weights" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_resume_with_ema_onecycle_sgd_equals_uninterrupted(easy, tmp_path, monkeypatch):
     args = (*RECIPE, "train.epochs=3", "train.deterministic=true", "train.max_steps_per_epoch=2")
     full = fit(cfg_for(easy, *args), tmp_path / "full", show_progress=False)

@@ -68,6 +68,7 @@ def test_frozen_stage_keeps_every_backbone_tensor_and_trains_the_head(data, dono
     assert [e["frozen"] for e in lines] == [True, True]
 
 
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_discriminative_learning_rate_through_warmup_and_cosine(data, donor, tmp_path, monkeypatch):
     """After unfreezing, every step's backbone group runs at lr × backbone_lr_mult and the head at lr,
     both following warm-up then cosine; the backbone starts moving only in the unfrozen epoch."""

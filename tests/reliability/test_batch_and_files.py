@@ -45,6 +45,7 @@ def test_n_inputs_k_bad(trained_run, tmp_path):
 
 
 # 13 -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # ≥ 5 s on 2 cores (2026-12-03): make test runs it, make test-fast does not
 def test_kill_9_then_resume(trained_run, tmp_path):
     """kill -9 mid-run leaves the journal of finished rows (no final table yet); --resume keeps them,
     scores the rest, and the final table has every file exactly once, equal to an uninterrupted run."""
