@@ -97,3 +97,31 @@ def test_openvino_refusals(trained_run, phantoms, tmp_path, monkeypatch):
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "c.csv")])
     assert r.exit_code == 2 and "pip install 'medres[openvino]'" in r.output
     assert not any(tmp_path.glob("*.csv"))
+
+
+def test_openvino_graph_made_once_per_weights(trained_run, tmp_path, monkeypatch):
+    """`--backend openvino` without --onnx exports the checkpoint's graph once (≈ 2 s) and reuses it;
+    other weights get their own graph, and a store folder that cannot be written only costs the cache."""
+    import torch
+
+    from medres.model import load_checkpoint
+    from medres.scoring import openvino_graph, scorer_for
+
+    monkeypatch.setenv("MEDRES_STORE_DIR", str(tmp_path / "store"))
+    ckpt = trained_run / "model.safetensors"
+    model, meta = load_checkpoint(ckpt)
+    first = openvino_graph(model, meta)
+    assert first is not None and first.parent == tmp_path / "store" / "openvino-graphs"
+    stamp = first.stat().st_mtime_ns
+    x = torch.rand(3, 96, 96)
+    again = scorer_for(ckpt, model, meta, backend="openvino", precision="fp32").logits(x)
+    assert first.stat().st_mtime_ns == stamp and len(list(first.parent.iterdir())) == 1  # reused, not rewritten
+    ref = scorer_for(ckpt, model, meta, backend="torch", precision="fp32").logits(x)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(ref), atol=1e-3)
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    assert openvino_graph(model, meta) != first
+    (tmp_path / "ro").write_text("a file where the store folder should be")
+    monkeypatch.setenv("MEDRES_STORE_DIR", str(tmp_path / "ro"))
+    assert openvino_graph(model, meta) is None
+    assert np.asarray(scorer_for(ckpt, model, meta, backend="openvino", precision="fp32").logits(x)).shape == (3, len(meta.classes))
