@@ -211,17 +211,17 @@ def _openvino(model, meta, path: Path | None, precision: str):
     inference = "bf16" if precision == "bf16" or (precision in ("auto", "int8") and cpu_supports_bf16()) else "f32"
     if path is not None:
         props = check_onnx_matches(path, model, want_int8=precision == "int8")
-        return OpenVinoPredictor(path, meta, inference=inference, file_precision=props.get("medres.precision", "fp32"))
+        return OpenVinoPredictor(path, meta, inference=inference, props=props)
     graph = openvino_graph(model, meta)
     if graph is not None:
-        return OpenVinoPredictor(graph, meta, inference=inference)
+        return OpenVinoPredictor(graph, meta, inference=inference, props={})
     import tempfile
 
     from medres.onnx import write_onnx
 
     with tempfile.TemporaryDirectory(prefix="medres-openvino-") as tmp:
         write_onnx(model, meta, Path(tmp) / "model.onnx")
-        return OpenVinoPredictor(Path(tmp) / "model.onnx", meta, inference=inference)
+        return OpenVinoPredictor(Path(tmp) / "model.onnx", meta, inference=inference, props={})
 
 
 def openvino_graph(model, meta) -> Path | None:
