@@ -63,11 +63,20 @@ def test_model_randomisation_changes_maps(pointing_model):
 @pytest.mark.parametrize("layer, cells", [("layer4", 0.5), ("layer3", 0.0)])
 def test_pointing_game(pointing_model, layer, cells):
     """On phantoms with known lesion masks, the peak of a trained model's heatmap falls on the lesion
-    for most positive cases, far more often than on another case's lesion (shuffled masks).
+    for most positive cases, and on a case's own lesion significantly more often than on other cases'
+    lesions (the same maps against the masks of the cases 1…10 places further on: the chance a
+    peak lands on *a* lesion where lesions tend to be).
 
-    layer3 (8×8 maps at 128 px): the peak must be inside the lesion. layer4 (4×4): a bilinear map's
-    peak can only sit on one of 16 cell centres, 32 px apart, so "inside a 15–20 px lesion" is out of
-    reach by geometry; there the peak must be within half a cell of the lesion."""
+    layer3 (8×8 maps at 128 px): the peak must be inside the lesion, and hit ≥ 2 × that chance.
+    layer4 (4×4): a bilinear map's peak can only sit on one of 16 cell centres, 32 px apart, so "inside
+    a 15–20 px lesion" is out of reach by geometry; there the peak must be within half a cell of the
+    lesion, a disc that covers much of the lung field, so chance is high (0.35–0.43 measured in fp32 and
+    bf16; the old "≥ 2 × chance" failed on an AMX CPU at 0.81 vs 0.43). The paired bar for both layers:
+    cases where the own lesion is hit and the others' less often outnumber the reverse, one-sided sign
+    test p < 0.001. Measured 2026-12-03 (AMX bf16 · fp32 on one thread): layer4 hit 0.81 · 0.88, chance
+    0.40 · 0.37, p 7e-9 · 2e-12; layer3 hit 0.65 · 0.66, chance 0.11 · 0.13, p 3e-11 · 9e-11."""
+    from scipy.stats import binomtest
+
     from medres.cam import upsample
 
     model, x, masks = pointing_model
@@ -75,10 +84,16 @@ def test_pointing_game(pointing_model, layer, cells):
     size = x.shape[-1]
     heat = upsample(res.maps, size)[:, 0].numpy()
     tolerance = cells * size / res.maps.shape[-1]
-    hit = pointing_game(heat, masks, tolerance)
-    chance = pointing_game(heat, masks[1:] + masks[:1], tolerance)
-    assert len(masks) >= 50
-    assert hit >= 0.5 and hit >= 2 * chance, (hit, chance)
+    n = len(masks)
+    assert n >= 50
+    own = np.array([pointing_game(heat[i : i + 1], [masks[i]], tolerance) for i in range(n)])
+    others = np.array([[pointing_game(heat[i : i + 1], [masks[(i + k) % n]], tolerance) for i in range(n)] for k in range(1, 11)]).mean(0)
+    hit, chance = own.mean(), others.mean()
+    better, worse = int((own > others).sum()), int((own < others).sum())
+    p = binomtest(better, better + worse, 0.5, alternative="greater").pvalue
+    assert hit >= 0.5 and p < 1e-3, (hit, chance, better, worse, p)
+    if layer == "layer3":
+        assert hit >= 2 * chance, (hit, chance)
 
 
 def test_fine_tuning_a_donor_beats_scratch_on_a_new_task(pointing_model, tmp_path_factory):
