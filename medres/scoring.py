@@ -25,7 +25,7 @@ import torch
 
 from medres.data import pool as decoding
 from medres.data.pool import DEFAULT_KIND as DECODE_POOL, default_workers  # noqa: F401 — predict and report import them from here
-from medres.errors import IngestError, MedresError, NoInputs, UsageError
+from medres.errors import IngestError, NoInputs, UsageError
 from medres.gate import OodDetector, check_header
 from medres.files import resolve_under_root
 from medres.inference import round_probs
@@ -204,7 +204,7 @@ def _openvino(model, meta, path: Path | None, precision: str):
     """OpenVinoPredictor at `precision`: auto means bf16 compute where the CPU has native bf16, as torch's
     auto does; an int8 file keeps its int8 layers and runs the rest at that precision."""
     from medres.inference import cpu_supports_bf16
-    from medres.onnx import OpenVinoPredictor, check_onnx_matches
+    from medres.onnx import OpenVinoPredictor, check_onnx_matches, openvino_graph
 
     if precision == "fp16":
         raise UsageError("--backend openvino runs fp32, bf16 or int8 on the CPU; --precision fp16 is for CUDA")
@@ -222,27 +222,6 @@ def _openvino(model, meta, path: Path | None, precision: str):
     with tempfile.TemporaryDirectory(prefix="medres-openvino-") as tmp:
         write_onnx(model, meta, Path(tmp) / "model.onnx")
         return OpenVinoPredictor(Path(tmp) / "model.onnx", meta, inference=inference, props={})
-
-
-def openvino_graph(model, meta) -> Path | None:
-    """The fp32 ONNX graph OpenVINO compiles for a checkpoint, made once per set of weights and kept
-    beside the image stores (`<store dir>/openvino-graphs/`, keyed by the weights' digest, the input
-    size and torch's version): exporting it takes ≈ 2 s, most of a 600-file run's start-up on the
-    OpenVINO backend. None where that folder cannot be written (the caller makes a temporary graph)."""
-    from medres.data.store import default_store_dir
-    from medres.files import atomic_path
-    from medres.onnx import weights_digest, write_onnx
-
-    key = f"{weights_digest(model)[:32]}-{meta.in_channels}x{meta.preprocess['image_size']}-torch{torch.__version__.split('+')[0]}"
-    graph = default_store_dir() / "openvino-graphs" / f"{key}.onnx"
-    if graph.is_file():
-        return graph
-    try:
-        with atomic_path(graph, durable=False) as tmp:
-            write_onnx(model, meta, tmp)
-    except (OSError, MedresError):
-        return None
-    return graph
 
 
 TTA_VARIANTS = ((1.0, 0.0, 0.0, 0.0), (1.04, 0.0, 0.0, 0.0), (1.0, 3.0, 0.0, 0.0), (1.0, -3.0, 0.0, 0.0), (1.0, 0.0, 0.02, 0.02))

@@ -105,7 +105,8 @@ def test_openvino_graph_made_once_per_weights(trained_run, tmp_path, monkeypatch
     import torch
 
     from medres.model import load_checkpoint
-    from medres.scoring import openvino_graph, scorer_for
+    from medres.onnx import openvino_graph
+    from medres.scoring import scorer_for
 
     monkeypatch.setenv("MEDRES_STORE_DIR", str(tmp_path / "store"))
     ckpt = trained_run / "model.safetensors"
